@@ -1,0 +1,146 @@
+"""Every setting of Transformer Zoo, in one place.
+
+Settings come from the environment (prefix ``TZOO_``) or a ``.env`` file in the working
+directory. Each field carries a description: ``tzoo doctor`` and the docs list them, and a
+test fails when a field has none.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
+DtypeChoice = Literal["auto", "float32", "float16", "bfloat16"]
+
+_PLACEHOLDER_SECRET = "change-me-in-production"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Construct with keyword overrides in tests."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TZOO_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    environment: Literal["development", "production", "test"] = Field(
+        "development",
+        description="Deployment mode; production refuses unsafe defaults such as the "
+        "placeholder secret key.",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("tzoo")),
+        description="Where the SQLite database and stored artefacts live.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_cache_dir("tzoo")),
+        description="Where converted model weights (GGUF -> safetensors) are cached.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the store, e.g. postgresql+psycopg://user@host/db. "
+        "Empty: a SQLite file under data_dir.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL for shared caches; empty: in-process caches only."
+    )
+    secret_key: str = Field(
+        _PLACEHOLDER_SECRET,
+        description="Key that signs session cookies; must be changed in production.",
+    )
+    host: str = Field("127.0.0.1", description="Address `tzoo serve` binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `tzoo serve` listens on.")
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Model names loaded at start-up; /ready answers 503 until they are loaded.",
+    )
+    device: DeviceChoice = Field(
+        "auto", description="Device for models: auto picks cuda, then mps, then cpu."
+    )
+    dtype: DtypeChoice = Field(
+        "auto",
+        description="Weight dtype: auto keeps float32 on CPU, bfloat16 (else float16) on CUDA, "
+        "float16 on MPS.",
+    )
+    memory_budget_mb: float = Field(
+        4096,
+        gt=0,
+        description="Most memory (MiB) the loaded models may take together; the least "
+        "recently used model is unloaded to make room, and a model larger than the budget "
+        "is refused.",
+    )
+    max_model_size_mb: float = Field(
+        6144,
+        gt=0,
+        description="Largest single model (MiB in memory at the chosen dtype) that may be "
+        "loaded at all.",
+    )
+    hub_cache_dir: Path | None = Field(
+        None,
+        description="Where models downloaded from the hub are kept; empty: the hub "
+        "client's own default (HF_HUB_CACHE).",
+    )
+    hub_offline: bool = Field(
+        False,
+        description="Never contact the model hub; only local directories, bundled models "
+        "and the hub cache are used.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty: same origin only."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging level of the server and CLI."
+    )
+
+    @field_validator("preload", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        # Allow TZOO_PRELOAD=a,b as well as a JSON list.
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production" and self.secret_key == _PLACEHOLDER_SECRET:
+            raise ValueError(
+                "TZOO_SECRET_KEY must be set to a private value when TZOO_ENVIRONMENT=production"
+            )
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The store's URL: TZOO_DATABASE_URL, or a SQLite file in data_dir."""
+        if self.database_url:
+            return normalise_database_url(self.database_url)
+        return f"sqlite:///{self.data_dir / 'tzoo.sqlite3'}"
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mb * 1024 * 1024)
+
+    @property
+    def max_model_size_bytes(self) -> int:
+        return int(self.max_model_size_mb * 1024 * 1024)
+
+
+def normalise_database_url(url: str) -> str:
+    """Map plain ``postgresql://`` URLs onto the psycopg 3 driver we install."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
