@@ -1,0 +1,105 @@
+"""ORM tables of the store. Column types are chosen to mean the same on SQLite and PostgreSQL.
+
+Schema changes go through a new Alembic revision in ``store/migrations/versions``; keep
+this module and the latest revision in step (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+Visibility = Literal["public", "unlisted", "private"]
+VISIBILITIES: tuple[str, ...] = get_args(Visibility)
+
+SLUG_LENGTH = 11
+KIND_MAX_LENGTH = 64
+MODEL_NAME_MAX_LENGTH = 255
+
+# Stable constraint names, so later migrations (batch mode on SQLite) can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on PostgreSQL: unlike json it supports equality, DISTINCT and indexing.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that always comes back timezone-aware in UTC.
+
+    SQLite has no time zones and returns naive values (its CURRENT_TIMESTAMP is UTC);
+    PostgreSQL returns timestamptz in the session's zone. Both are normalised to UTC here.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous; pass a timezone-aware datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Artefact(Base):
+    """One stored analysis result: a small row plus the encoded arrays (see codec)."""
+
+    __tablename__ = "artefacts"
+    __table_args__ = (
+        CheckConstraint(
+            "visibility IN ('public', 'unlisted', 'private')", name="visibility_allowed"
+        ),
+    )
+    # Load server-side defaults (created_at) right after INSERT, via RETURNING.
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(16), unique=True, index=True)
+    kind: Mapped[str] = mapped_column(String(KIND_MAX_LENGTH), index=True)
+    model_name: Mapped[str] = mapped_column(String(MODEL_NAME_MAX_LENGTH), index=True)
+    input_text: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # Deferred: listings never need the (possibly megabytes of) arrays.
+    blob: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    blob_bytes: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    visibility: Mapped[str] = mapped_column(String(16), default="public", server_default="public")
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), server_default=func.now(), index=True
+    )
+
+    def __repr__(self) -> str:
+        return f"<Artefact {self.slug} kind={self.kind!r} model={self.model_name!r}>"
