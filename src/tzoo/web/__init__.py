@@ -1,0 +1,1 @@
+"""The web front door: FastAPI app factory, routers, templates and static files."""

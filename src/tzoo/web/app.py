@@ -1,0 +1,67 @@
+"""The app factory: settings in, a FastAPI app out. Nothing heavy happens at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from tzoo import __version__
+from tzoo.config import Settings, get_settings
+from tzoo.runtime.manager import ModelManager
+from tzoo.store.db import create_engine_for, run_migrations, session_factory
+from tzoo.web.errors import install_error_handlers
+from tzoo.web.preload import Preloader
+from tzoo.web.routes import docs, health, models, pages
+
+WEB_DIR = Path(str(files("tzoo.web")))
+
+
+def create_app(settings: Settings | None = None, *, manager: ModelManager | None = None) -> FastAPI:
+    """Build the app: database (migrated on start), model manager, routers, static files."""
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    manager = manager or ModelManager(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        run_migrations(app.state.engine)
+        app.state.preloader.start()
+        yield
+        manager.unload_all()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Transformer Zoo",
+        version=__version__,
+        description="Look inside transformer language models: attention, next-token "
+        "distributions, lenses, circuits and validation, at permanent links.",
+        lifespan=lifespan,
+        docs_url=None,  # FastAPI's own pages load Swagger UI/ReDoc from a CDN; see routes/docs
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.manager = manager
+    app.state.engine = create_engine_for(settings.sqlalchemy_url)
+    app.state.session_factory = session_factory(app.state.engine)
+    app.state.preloader = Preloader(manager, list(settings.preload))
+    app.state.templates = Jinja2Templates(directory=WEB_DIR / "templates")
+
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    install_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
+    for module in (health, models, docs, pages):
+        app.include_router(module.router)
+    return app

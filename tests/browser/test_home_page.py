@@ -1,0 +1,50 @@
+"""The home page in a real browser: tools and models listed, load/unload, theme, offline."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+
+def test_home_lists_tools_and_models_and_loads_offline(live_server: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(live_server + "/")
+    assert page.title() == "Transformer Zoo"
+    tools = page.locator("#tools .card h3").all_inner_texts()
+    assert "Attention explorer" in tools and "Token wheel" in tools
+    models = page.locator("#models tbody tr").evaluate_all("rows => rows.map(r => r.dataset.model)")
+    assert {"smollm2-135m", "minilm-l6", "tiny-gpt2", "tiny-t5"} <= set(models)
+    # Every request the page made went to our own server.
+    assert page.requests and all(url.startswith(live_server) for url in page.requests)
+
+
+def test_load_and_unload_a_model_from_the_table(live_server: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(live_server + "/")
+    row = page.locator('tr[data-model="tiny-gpt2"]')
+    row.get_by_role("button", name="Load").click()
+    page.wait_for_function(
+        "document.querySelector('tr[data-model=\"tiny-gpt2\"] .state').textContent === 'loaded'"
+    )
+    assert "tiny-gpt2 loaded" in page.locator("#models-status").inner_text()
+    row.get_by_role("button", name="Unload").click()
+    page.wait_for_function(
+        "document.querySelector('tr[data-model=\"tiny-gpt2\"] .state').textContent === 'available'"
+    )
+    page.reload()
+    assert page.locator('tr[data-model="tiny-gpt2"] .state').inner_text() == "available"
+
+
+def test_theme_toggle_switches_and_is_remembered(live_server: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(live_server + "/")
+    before = page.evaluate("document.documentElement.dataset.theme")
+    page.get_by_role("button", name="Switch light or dark theme").click()
+    after = page.evaluate("document.documentElement.dataset.theme")
+    assert {before, after} == {"light", "dark"}
+    page.reload()
+    assert page.evaluate("document.documentElement.dataset.theme") == after
+
+
+def test_api_docs_render_offline(live_server: str, page) -> None:  # type: ignore[no-untyped-def]
+    page.goto(live_server + "/docs")
+    page.locator(".opblock-summary-path", has_text="/api/models").first.wait_for()
+    assert all(url.startswith(live_server) for url in page.requests)
