@@ -56,7 +56,15 @@ def _model_errors() -> Iterator[None]:
         yield
     except ModelError as exc:
         err_console.print(f"[red]Error:[/red] {exc.message}")
-        raise typer.Exit(EXIT_CODES.get(type(exc).__name__, 1)) from None
+        raise typer.Exit(exit_code_for(exc)) from None
+
+
+def exit_code_for(exc: Exception) -> int:
+    """The code of the most specific error class we have one for (1 otherwise)."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in EXIT_CODES:
+            return EXIT_CODES[cls.__name__]
+    return 1
 
 
 def _mib(n: int | None) -> str:
@@ -83,7 +91,8 @@ def serve(
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level=settings.log_level)
+    # No variable dumps in tracebacks: they could print secrets or user text into logs.
+    logger.add(sys.stderr, level=settings.log_level, backtrace=False, diagnose=False)
     console.print(f"Transformer Zoo on http://{settings.host}:{settings.port}")
     uvicorn.run(
         create_app(settings),

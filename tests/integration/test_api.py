@@ -156,3 +156,21 @@ def test_migrations_run_on_start(tmp_path: Path) -> None:
     with TestClient(app):
         tables = inspect(app.state.engine).get_table_names()
     assert "artefacts" in tables and "alembic_version" in tables
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "phrase"),
+    [
+        ("a" * 5000, 422, "at most 1024 characters"),
+        ("a" * 300, 404, "Unknown model"),  # longer than a file name may be
+        ("x%01y", 422, "control characters"),
+        ("%20", 422, "model name is required"),
+        ("~nobody-here/x", 404, "Unknown model"),
+    ],
+)
+def test_malformed_model_names_get_clear_errors(
+    client: TestClient, name: str, status: int, phrase: str
+) -> None:
+    response = client.post(f"/api/models/{name}/load")
+    assert response.status_code == status, response.text
+    assert phrase in response.json()["detail"]

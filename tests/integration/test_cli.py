@@ -69,6 +69,12 @@ def test_not_a_model_directory_exits_with_load_error(tmp_path: Path) -> None:
     assert "not a model" in result.output
 
 
+def test_invalid_name_exits_like_a_load_error() -> None:
+    result = runner.invoke(app, ["models", "load", " "], env={"COLUMNS": "200"})
+    assert result.exit_code == EXIT_CODES["ModelLoadError"]
+    assert "model name is required" in result.output
+
+
 def test_convert_refuses_a_model_that_is_not_gguf() -> None:
     result = runner.invoke(app, ["models", "convert", "minilm-l6"], env={"COLUMNS": "200"})
     assert result.exit_code == 4 and "not a GGUF model" in result.output

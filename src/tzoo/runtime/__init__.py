@@ -3,6 +3,7 @@
 from tzoo.runtime.catalogue import ModelSpec, catalogue, register_model, resolve
 from tzoo.runtime.errors import (
     DeviceError,
+    InvalidModelNameError,
     ModelError,
     ModelLoadError,
     ModelTooLargeError,
@@ -11,10 +12,13 @@ from tzoo.runtime.errors import (
     UnsupportedArchitectureError,
 )
 from tzoo.runtime.handle import ModelHandle
+from tzoo.runtime.hooks import ActivationCache, hook_points, patch, register_adapter, run_with_cache
 from tzoo.runtime.manager import ModelBusyError, ModelManager, ModelStatus
 
 __all__ = [
+    "ActivationCache",
     "DeviceError",
+    "InvalidModelNameError",
     "ModelBusyError",
     "ModelError",
     "ModelHandle",
@@ -27,6 +31,10 @@ __all__ = [
     "UnknownModelError",
     "UnsupportedArchitectureError",
     "catalogue",
+    "hook_points",
+    "patch",
+    "register_adapter",
     "register_model",
     "resolve",
+    "run_with_cache",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from tzoo.runtime.errors import UnknownModelError
+from tzoo.runtime.errors import InvalidModelNameError, UnknownModelError
 from tzoo.runtime.sources import (
     HubSource,
     LocalDirSource,
@@ -20,7 +20,8 @@ from tzoo.runtime.sources import (
     TinySource,
 )
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+MAX_NAME_LENGTH = 1024
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,49 @@ def resolve(name: str, *, hub_offline: bool = False) -> ModelSpec:
     Raises UnknownModelError (listing the catalogue) for anything else.
     """
     _ensure_loaded()
-    name = name.strip()
+    name = _checked_name(name)
     if name in _REGISTRY:
         return _REGISTRY[name]
-    path = Path(name).expanduser()
-    if (name and (path.is_absolute() or name.startswith("."))) or path.is_dir():
-        if path.exists():
+    path = _expand(Path(name))
+    if path.is_absolute() or name.startswith(".") or _is_dir(path):
+        if _is_dir(path) or _exists(path):
             source = LocalDirSource(path)
             return ModelSpec(str(path), f"local directory {path}", "unknown", source)
         raise UnknownModelError(name, known_names())
     if HUB_ID.match(name):
         return ModelSpec(name, f"model hub {name}", "unknown", HubSource(name))
     raise UnknownModelError(name, known_names())
+
+
+def _checked_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise InvalidModelNameError("A model name is required.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidModelNameError(
+            f"A model name may be at most {MAX_NAME_LENGTH} characters; got {len(name)}."
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidModelNameError("A model name may not contain control characters.")
+    return name
+
+
+def _expand(path: Path) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError:  # "~someone" for a user that does not exist
+        return path
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # name too long for the filesystem, permission denied...
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False

@@ -46,6 +46,10 @@ class ModelLoadError(ModelError):
     """The files are there but are not a loadable model (corrupt, truncated, wrong kind)."""
 
 
+class InvalidModelNameError(ModelLoadError):
+    """The name cannot name any model: empty, too long, or with control characters."""
+
+
 class ModelUnavailableError(ModelError):
     """The model is known but cannot be had here (package not installed, hub unreachable,
     gated repository)."""
