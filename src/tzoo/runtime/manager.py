@@ -185,7 +185,7 @@ class ModelManager:
             self._check_limits(spec.name, estimate)
             with self._lock:
                 self._make_room(estimate, keep=spec.name)
-        self.unload(spec.name, missing_ok=True)  # loaded before with another device/dtype
+        self.unload(spec.name)  # loaded before with another device/dtype
         logger.info("Loading model {} on {} ({})", spec.name, device, dtype)
         options = LoadOptions(
             device=device,
@@ -243,7 +243,7 @@ class ModelManager:
             )
 
     # -- unloading ---------------------------------------------------------------------
-    def unload(self, name: str, *, missing_ok: bool = False) -> bool:
+    def unload(self, name: str) -> bool:
         """Unload ``name``; True if it was loaded."""
         try:
             key = resolve(name, hub_offline=True).name

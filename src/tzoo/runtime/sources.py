@@ -294,9 +294,7 @@ def _load_directory(path: Path | str, options: LoadOptions, **kwargs: Any) -> Lo
             path, config=config, dtype=options.dtype, attn_implementation="eager", **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"Cannot load a model from {path}: {_first_line(exc)}") from exc
-    except Exception as exc:  # safetensors and tokenizers raise their own types
+    except Exception as exc:  # OSError, ValueError, safetensors' and tokenizers' own types...
         raise ModelLoadError(f"Cannot load a model from {path}: {_first_line(exc)}") from exc
     return Loaded(_finish(model, options), tokenizer, str(path))
 
