@@ -94,6 +94,35 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS; empty: same origin only."
     )
+    attention_max_tokens: int = Field(
+        512,
+        ge=2,
+        le=4096,
+        description="Longest input (in tokens) the attention explorer accepts; longer "
+        "input gets a clear error instead of being truncated silently.",
+    )
+    result_cache_ttl_seconds: int = Field(
+        86400,
+        ge=0,
+        description="How long a computed result stays in the result cache (Redis when "
+        "TZOO_REDIS_URL is set, else in-process); 0 disables the cache.",
+    )
+    result_cache_max_entries: int = Field(
+        64,
+        ge=1,
+        description="Most results the in-process result cache keeps (least recently used "
+        "are dropped first).",
+    )
+    public_url: str | None = Field(
+        None,
+        description="Base URL printed in share links (e.g. https://zoo.example.org); "
+        "empty: http://HOST:PORT.",
+    )
+    session_cookie_secure: bool | None = Field(
+        None,
+        description="Send the login cookie only over HTTPS; empty: on in production, off "
+        "in development (so http://127.0.0.1 works).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level of the server and CLI."
     )
@@ -122,6 +151,17 @@ class Settings(BaseSettings):
         if self.database_url:
             return normalise_database_url(self.database_url)
         return f"sqlite:///{self.data_dir / 'tzoo.sqlite3'}"
+
+    @property
+    def base_url(self) -> str:
+        """Where this server is reached, for share links."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def cookies_secure(self) -> bool:
+        if self.session_cookie_secure is not None:
+            return self.session_cookie_secure
+        return self.environment == "production"
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -17,7 +17,10 @@ from tzoo.store.artefacts import (
     get_artefact,
     list_artefacts,
     load_arrays,
+    load_part,
     new_slug,
+    part_names,
+    stored_bytes,
 )
 from tzoo.store.codec import (
     BlobFormatError,
@@ -27,11 +30,12 @@ from tzoo.store.codec import (
     encode_arrays,
 )
 from tzoo.store.db import alembic_config, create_engine_for, run_migrations, session_factory
-from tzoo.store.models import VISIBILITIES, Artefact, Base, Visibility
+from tzoo.store.models import VISIBILITIES, Artefact, ArtefactPart, Base, Visibility
 
 __all__ = [
     "VISIBILITIES",
     "Artefact",
+    "ArtefactPart",
     "Base",
     "BlobFormatError",
     "Precision",
@@ -47,7 +51,10 @@ __all__ = [
     "get_artefact",
     "list_artefacts",
     "load_arrays",
+    "load_part",
     "new_slug",
+    "part_names",
     "run_migrations",
     "session_factory",
+    "stored_bytes",
 ]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
@@ -17,9 +17,11 @@ from tzoo.store.codec import Precision, decode_arrays, encode_arrays
 from tzoo.store.models import (
     KIND_MAX_LENGTH,
     MODEL_NAME_MAX_LENGTH,
+    PART_NAME_MAX_LENGTH,
     SLUG_LENGTH,
     VISIBILITIES,
     Artefact,
+    ArtefactPart,
 )
 
 # Letters and digits only: a slug never starts with "-" (which a CLI would read as an
@@ -49,6 +51,7 @@ def create_artefact(
     precision: Precision = "float16",
     owner: str | None = None,
     visibility: str = "public",
+    parts: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> Artefact:
     """Encode ``arrays`` (see :mod:`tzoo.store.codec`), store them with a fresh slug, commit.
 
@@ -65,6 +68,10 @@ def create_artefact(
         )
     _check_params(params)
     blob = encode_arrays(arrays, precision=precision)
+    encoded_parts = {
+        _checked_part_name(name): encode_arrays(part, precision=precision)
+        for name, part in (parts or {}).items()
+    }
     for _ in range(_SLUG_ATTEMPTS):
         slug = new_slug()
         if _slug_taken(session, slug):
@@ -79,6 +86,10 @@ def create_artefact(
             blob_bytes=len(blob),
             owner=owner,
             visibility=visibility,
+            parts=[
+                ArtefactPart(name=name, blob=part_blob, blob_bytes=len(part_blob))
+                for name, part_blob in encoded_parts.items()
+            ],
         )
         session.add(artefact)
         try:
@@ -102,6 +113,36 @@ def get_artefact(session: Session, slug: str) -> Artefact | None:
 def load_arrays(artefact: Artefact) -> dict[str, np.ndarray]:
     """The artefact's arrays, decoded to their original names, shapes and dtypes."""
     return decode_arrays(artefact.blob)
+
+
+def load_part(session: Session, artefact: Artefact, name: str) -> dict[str, np.ndarray] | None:
+    """One part of an artefact, decoded; None when it has no part of that name."""
+    blob = session.scalar(
+        select(ArtefactPart.blob).where(
+            ArtefactPart.artefact_id == artefact.id, ArtefactPart.name == name
+        )
+    )
+    return None if blob is None else decode_arrays(blob)
+
+
+def part_names(session: Session, artefact: Artefact) -> list[str]:
+    """Names of the artefact's parts, in the order they were stored."""
+    query = (
+        select(ArtefactPart.name)
+        .where(ArtefactPart.artefact_id == artefact.id)
+        .order_by(ArtefactPart.id)
+    )
+    return list(session.scalars(query))
+
+
+def stored_bytes(session: Session, artefact: Artefact) -> int:
+    """Bytes the artefact takes in the database: its blob plus all its parts."""
+    parts = session.scalar(
+        select(func.coalesce(func.sum(ArtefactPart.blob_bytes), 0)).where(
+            ArtefactPart.artefact_id == artefact.id
+        )
+    )
+    return artefact.blob_bytes + int(parts or 0)
 
 
 def list_artefacts(
@@ -143,6 +184,12 @@ def delete_artefact(session: Session, slug: str) -> bool:
 
 def _slug_taken(session: Session, slug: str) -> bool:
     return bool(session.scalar(select(exists().where(Artefact.slug == slug))))
+
+
+def _checked_part_name(name: str) -> str:
+    if not name or len(name) > PART_NAME_MAX_LENGTH:
+        raise ValueError(f"part names must be 1 to {PART_NAME_MAX_LENGTH} characters, got {name!r}")
+    return name
 
 
 def _check_kind(kind: str) -> None:

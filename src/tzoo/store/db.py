@@ -55,11 +55,23 @@ def _create_sqlite_engine(url: str, database: str | None, **engine_kwargs: Any) 
             cursor.execute(f"PRAGMA busy_timeout = {_SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cursor)
         finally:
             cursor.close()
 
     return engine
+
+
+def _enable_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch the file to WAL. The switch needs an exclusive lock and SQLite may answer
+    BUSY at once, without its busy handler, while another process holds the file (seen
+    when several processes migrate at the same moment); WAL is a persistent property of
+    the file, so whichever connection wins sets it for all, and losing is harmless."""
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc).lower():
+            raise
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -13,16 +13,18 @@ from sqlalchemy import (
     JSON,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 Visibility = Literal["public", "unlisted", "private"]
@@ -101,5 +103,30 @@ class Artefact(Base):
         UTCDateTime(), server_default=func.now(), index=True
     )
 
+    parts: Mapped[list[ArtefactPart]] = relationship(
+        back_populates="artefact", cascade="all, delete-orphan", passive_deletes=True
+    )
+
     def __repr__(self) -> str:
         return f"<Artefact {self.slug} kind={self.kind!r} model={self.model_name!r}>"
+
+
+PART_NAME_MAX_LENGTH = 128
+
+
+class ArtefactPart(Base):
+    """A separately loadable piece of an artefact (e.g. one layer's attention), so a large
+    result is read one piece at a time instead of decoding everything per request."""
+
+    __tablename__ = "artefact_parts"
+    __table_args__ = (UniqueConstraint("artefact_id", "name", name="uq_artefact_parts_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artefact_id: Mapped[int] = mapped_column(
+        ForeignKey("artefacts.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(PART_NAME_MAX_LENGTH))
+    blob: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    blob_bytes: Mapped[int] = mapped_column(Integer)
+
+    artefact: Mapped[Artefact] = relationship(back_populates="parts")
