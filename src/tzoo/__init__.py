@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # Public name -> module that defines it; resolved on first access.
 _LAZY = {
     "load_model": "tzoo.api",
+    "attention": "tzoo.analyses.attention",
+    "AttentionResult": "tzoo.analyses.attention",
     "ModelManager": "tzoo.runtime.manager",
     "ModelHandle": "tzoo.runtime.handle",
     "Settings": "tzoo.config",
@@ -21,13 +23,23 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from tzoo.analyses.attention import AttentionResult, attention
     from tzoo.api import load_model
     from tzoo.config import Settings
     from tzoo.runtime.handle import ModelHandle
     from tzoo.runtime.manager import ModelManager
     from tzoo.web.app import create_app
 
-__all__ = ["ModelHandle", "ModelManager", "Settings", "__version__", "create_app", "load_model"]
+__all__ = [
+    "AttentionResult",
+    "ModelHandle",
+    "ModelManager",
+    "Settings",
+    "__version__",
+    "attention",
+    "create_app",
+    "load_model",
+]
 
 
 def __getattr__(name: str) -> Any:

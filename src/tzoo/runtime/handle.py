@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,9 @@ class ModelHandle:
     d_model: int = field(init=False)
     vocab_size: int = field(init=False)
     size_bytes: int = field(init=False)
+    # Held while an analysis has hooks installed on the model: hooks see every forward
+    # pass on the module, so two analyses on one model must not overlap.
+    lock: threading.RLock = field(init=False, repr=False, default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
         assert self._model is not None

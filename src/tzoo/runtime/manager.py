@@ -159,13 +159,20 @@ class ModelManager:
                     self._loading.pop(spec.name, None)
 
     @contextmanager
-    def use(self, name: str, **kwargs: Any) -> Iterator[ModelHandle]:
-        """Hold a model for the length of an analysis: it will not be evicted meanwhile."""
+    def use(self, name: str, *, exclusive: bool = False, **kwargs: Any) -> Iterator[ModelHandle]:
+        """Hold a model for the length of an analysis: it will not be evicted meanwhile.
+
+        ``exclusive`` also takes the handle's lock, for analyses that install hooks.
+        """
         handle = self.get(name, **kwargs)
         with self._lock:
             self._in_use[handle.name] += 1
         try:
-            yield handle
+            if exclusive:
+                with handle.lock:
+                    yield handle
+            else:
+                yield handle
         finally:
             with self._lock:
                 self._in_use[handle.name] -= 1
