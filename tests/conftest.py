@@ -53,3 +53,15 @@ def real_manager(real_model_cache: Path):  # type: ignore[no-untyped-def]
     manager = ModelManager(settings)
     yield manager
     manager.unload_all()
+
+
+@pytest.fixture
+def cheap_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast argon2 parameters: the real ones take ~50 ms a hash, by design."""
+    from argon2 import PasswordHasher
+
+    from tzoo.web import security
+
+    monkeypatch.setattr(
+        security, "PASSWORD_HASHER", PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+    )

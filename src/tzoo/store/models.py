@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -130,3 +132,111 @@ class ArtefactPart(Base):
     blob_bytes: Mapped[int] = mapped_column(Integer)
 
     artefact: Mapped[Artefact] = relationship(back_populates="parts")
+
+
+# --- accounts ------------------------------------------------------------------------
+
+USERNAME_MAX_LENGTH = 32
+TOKEN_HASH_LENGTH = 64  # sha256, hex
+TOKEN_PREFIX_LENGTH = 16
+TOKEN_NAME_MAX_LENGTH = 100
+
+
+class User(Base):
+    """An account. ``username`` is stored lowercased, so lookups are case-insensitive and
+    ``Artefact.owner`` (a username) compares with ``==``."""
+
+    __tablename__ = "users"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True, index=True)
+    # An argon2id PHC string ("$argon2id$v=19$m=...,t=...,p=...$salt$hash").
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"<User {self.username!r}>"
+
+
+class LoginSession(Base):
+    """A browser's logged-in session. Only the sha256 of the cookie's token is kept, so a
+    database leak does not hand out sessions; deleting the row logs the browser out."""
+
+    __tablename__ = "login_sessions"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(TOKEN_HASH_LENGTH), unique=True, index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(TOKEN_HASH_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class ApiToken(Base):
+    """A personal API token for the REST API (``Authorization: Bearer tzoo_...``). Only its
+    sha256 and a short display prefix are stored; the token itself is shown once."""
+
+    __tablename__ = "api_tokens"
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(TOKEN_NAME_MAX_LENGTH))
+    token_hash: Mapped[str] = mapped_column(String(TOKEN_HASH_LENGTH), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(TOKEN_PREFIX_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+# --- annotations ---------------------------------------------------------------------
+
+ANNOTATION_BODY_MAX_LENGTH = 5000
+STACK_MAX_LENGTH = 16
+
+
+class Annotation(Base):
+    """A comment on a visualization, anchored to (stack, layer, head, token range), each
+    part optional. Replies point at their parent (any depth) and share its anchor. A
+    deleted comment that still has replies stays as a placeholder (``deleted``, empty
+    body) so the thread keeps its shape. ``body`` is stored as typed: escaping is the
+    renderer's job."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (
+        CheckConstraint("layer IS NULL OR layer >= 0", name="layer_not_negative"),
+        CheckConstraint("head IS NULL OR head >= 0", name="head_not_negative"),
+        CheckConstraint(
+            "(token_start IS NULL AND token_end IS NULL) OR "
+            "(token_start >= 0 AND token_end >= token_start)",
+            name="token_range_ordered",
+        ),
+    )
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artefact_id: Mapped[int] = mapped_column(
+        ForeignKey("artefacts.id", ondelete="CASCADE"), index=True
+    )
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("annotations.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    stack: Mapped[str | None] = mapped_column(String(STACK_MAX_LENGTH), nullable=True)
+    layer: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    head: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token_end: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    author: Mapped[User] = relationship(lazy="joined")
+    artefact: Mapped[Artefact] = relationship()
