@@ -60,6 +60,7 @@ clean:
 
 # Refresh vendored front-end libraries from the npm registry (see static/vendor/README.md).
 SWAGGER_UI_VERSION ?= 5.35.0
+D3_VERSION ?= 7.9.2
 vendor:
 	rm -rf .vendor-tmp && mkdir .vendor-tmp
 	cd .vendor-tmp && npm pack --silent swagger-ui-dist@$(SWAGGER_UI_VERSION) && tar xzf swagger-ui-dist-*.tgz
@@ -67,4 +68,8 @@ vendor:
 	  cp .vendor-tmp/package/$$f src/tzoo/web/static/vendor/swagger-ui/; done
 	sed -i 's|//# sourceMappingURL=.*||' src/tzoo/web/static/vendor/swagger-ui/swagger-ui-bundle.js
 	sed -i 's|/\*# sourceMappingURL=[^*]*\*/||' src/tzoo/web/static/vendor/swagger-ui/swagger-ui.css
+	rm -rf .vendor-tmp
+	mkdir .vendor-tmp && cd .vendor-tmp && npm pack --silent d3@$(D3_VERSION) && tar xzf d3-*.tgz
+	mkdir -p src/tzoo/web/static/vendor/d3
+	cp .vendor-tmp/package/dist/d3.min.js .vendor-tmp/package/LICENSE src/tzoo/web/static/vendor/d3/
 	rm -rf .vendor-tmp
