@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -32,7 +33,25 @@ EXIT_CODES = {
     "ModelLoadError": 4,
     "ModelUnavailableError": 5,
     "DeviceError": 6,
+    "InputTooLongError": 7,
 }
+
+
+def _write_stderr(message: object) -> None:
+    sys.stderr.write(str(message))
+
+
+@app.callback()
+def _configure_logging() -> None:
+    """Log to whatever stderr is current: loguru's default handler keeps the stream it saw
+    at import, which breaks when a caller (a test runner, a notebook) swaps stderr."""
+    import os
+
+    from loguru import logger
+
+    logger.remove()
+    level = os.environ.get("TZOO_LOG_LEVEL", "WARNING").upper()
+    logger.add(_write_stderr, level=level, diagnose=False)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -92,7 +111,7 @@ def serve(
 
     logger.remove()
     # No variable dumps in tracebacks: they could print secrets or user text into logs.
-    logger.add(sys.stderr, level=settings.log_level, backtrace=False, diagnose=False)
+    logger.add(_write_stderr, level=settings.log_level, backtrace=False, diagnose=False)
     console.print(f"Transformer Zoo on http://{settings.host}:{settings.port}")
     uvicorn.run(
         create_app(settings),
@@ -166,6 +185,110 @@ def models_convert(
         with console.status(f"Converting {name}…"):
             ensure_converted(gguf, target, progress=_progress_printer())
     console.print(f"Converted: {target}")
+
+
+@app.command()
+def attention(
+    text: Annotated[str, typer.Argument(help="The text to look at.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Catalogue name, local directory or hub id.")
+    ] = "minilm-l6",
+    pair: Annotated[
+        str | None,
+        typer.Option(help="Sentence B, or the decoder text of an encoder-decoder model."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the views as one offline HTML file here.")
+    ] = None,
+    share: Annotated[
+        bool, typer.Option("--share", help="Store it in the database and print its permanent URL.")
+    ] = False,
+    visibility: Annotated[str, typer.Option(help="public, unlisted (with --share).")] = "public",
+    view: Annotated[
+        str, typer.Option(help="head, model or neuron: the view the link opens.")
+    ] = "head",
+) -> None:
+    """Compute a model's attention for TEXT: a summary here, an HTML file, or a share link."""
+    from tzoo.analyses.attention import EmptyInputError, InputTooLongError
+
+    settings = _settings()
+    if visibility not in ("public", "unlisted"):
+        err_console.print("[red]Error:[/red] --visibility must be public or unlisted from the CLI.")
+        raise typer.Exit(2)
+    if view not in ("head", "model", "neuron"):
+        err_console.print("[red]Error:[/red] --view must be head, model or neuron.")
+        raise typer.Exit(2)
+    try:
+        with _model_errors(), console.status(f"Computing attention with {model}…"):
+            result = _attention_result(settings, model, text, pair)
+            url = _share(settings, model, text, pair, visibility, view) if share else None
+    except (InputTooLongError, EmptyInputError) as exc:
+        err_console.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(7) from None
+    _print_attention_summary(result)
+    if out is not None:
+        out.write_text(_standalone_html(result), encoding="utf-8")
+        console.print(f"Wrote {out} ({out.stat().st_size / 1024:,.0f} KiB, works offline)")
+    if url:
+        console.print(f"Shared: {url}")
+
+
+def _attention_result(settings: Settings, model: str, text: str, pair: str | None) -> Any:
+    from tzoo.analyses.attention import attention as compute
+    from tzoo.runtime.manager import ModelManager
+
+    with ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as handle:
+        return compute(handle, text, pair, max_tokens=settings.attention_max_tokens)
+
+
+def _standalone_html(result: Any) -> str:
+    from tzoo.analyses.attention_record import attention_meta, attention_parts
+    from tzoo.service.visualizations import view_arrays
+    from tzoo.web.standalone import render_standalone_html
+
+    attention, neurons = view_arrays(attention_parts(result))
+    title = f"Attention — {result.model_name}"
+    return render_standalone_html(attention_meta(result), attention, neurons or None, title=title)
+
+
+def _share(
+    settings: Settings, model: str, text: str, pair: str | None, visibility: str, view: str
+) -> str:
+    from tzoo.runtime.manager import ModelManager
+    from tzoo.service.result_cache import make_result_cache
+    from tzoo.service.visualizations import VisualizationRequest, create_visualization
+    from tzoo.store.db import create_engine_for, run_migrations, session_factory
+
+    engine = create_engine_for(settings.sqlalchemy_url)
+    try:
+        run_migrations(engine)
+        request = VisualizationRequest(model, text, pair, view, visibility)  # type: ignore[arg-type]
+        with session_factory(engine)() as session:
+            artefact = create_visualization(
+                session, ModelManager(settings), make_result_cache(settings), settings, request
+            )
+            return f"{settings.base_url}/viz/{artefact.slug}#view={view}"
+    finally:
+        engine.dispose()
+
+
+def _print_attention_summary(result: Any) -> None:
+    for name, stack in result.stacks.items():
+        n_layers, n_heads, n_q, n_k = stack.attentions.shape
+        table = Table(
+            "statistic",
+            "strongest head",
+            "value",
+            title=f"{name}: {n_layers} layers x {n_heads} heads, {n_q}x{n_k} tokens",
+        )
+        for stat, values in stack.head_stats.items():
+            import numpy as np
+
+            if np.all(np.isnan(values)):
+                continue
+            layer, head = np.unravel_index(np.nanargmax(values), values.shape)
+            table.add_row(stat, f"L{layer}H{head}", f"{values[layer, head]:.3f}")
+        console.print(table)
 
 
 @app.command()

@@ -91,3 +91,54 @@ def test_bad_settings_are_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZOO_MEMORY_BUDGET_MB", "-3")
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 1 and "Invalid settings" in result.output
+
+
+def test_attention_prints_a_summary_of_the_heads() -> None:
+    result = runner.invoke(
+        app, ["attention", "The cat sat.", "--model", "tiny-gpt2"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "decoder: 2 layers x 4 heads" in result.output and "previous_token" in result.output
+
+
+def test_attention_writes_an_offline_html_file(tmp_path: Path) -> None:
+    out = tmp_path / "viz.html"
+    args = ["attention", "The cat sat.", "--model", "tiny-bert", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "tzoo-embedded" in page and "The cat sat." in page
+    assert 'src="http' not in page
+
+
+def test_attention_share_stores_it_and_prints_the_link(tmp_path: Path) -> None:
+    from tzoo.config import Settings
+    from tzoo.store import create_engine_for, get_artefact, session_factory
+
+    result = runner.invoke(
+        app, ["attention", "Share me", "--model", "tiny-t5", "--share"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    url = next(line for line in result.output.splitlines() if line.startswith("Shared: ")).split()[
+        -1
+    ]
+    assert url.startswith("http://127.0.0.1:8000/viz/")
+    slug = url.split("/viz/")[1].split("#")[0]
+    engine = create_engine_for(Settings().sqlalchemy_url)
+    with session_factory(engine)() as session:
+        artefact = get_artefact(session, slug)
+        assert (
+            artefact is not None
+            and artefact.input_text == "Share me"
+            and artefact.model_name == "tiny-t5"
+        )
+    engine.dispose()
+
+
+def test_attention_too_long_is_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZOO_ATTENTION_MAX_TOKENS", "4")
+    result = runner.invoke(
+        app, ["attention", "far too long a text", "--model", "tiny-gpt2"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == EXIT_CODES["InputTooLongError"]
+    assert "the limit is 4" in result.output and "Traceback" not in result.output

@@ -151,10 +151,12 @@ def list_artefacts(
     kind: str | None = None,
     model_name: str | None = None,
     visibility: str | None = "public",
+    text_contains: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> Sequence[Artefact]:
-    """Artefacts newest first, without their arrays. ``visibility=None`` lists all."""
+    """Artefacts newest first, without their arrays. ``visibility=None`` lists all;
+    ``text_contains`` keeps those whose input text contains it (case-insensitive)."""
     if visibility is not None:
         _check_visibility(visibility)
     if not 1 <= limit <= MAX_LIST_LIMIT:
@@ -168,6 +170,9 @@ def list_artefacts(
         query = query.where(Artefact.model_name == model_name)
     if visibility is not None:
         query = query.where(Artefact.visibility == visibility)
+    if text_contains:
+        pattern = "%" + _escape_like(text_contains) + "%"
+        query = query.where(Artefact.input_text.ilike(pattern, escape="\\"))
     query = query.order_by(Artefact.created_at.desc(), Artefact.id.desc())
     return session.scalars(query.limit(limit).offset(offset)).all()
 
@@ -180,6 +185,11 @@ def delete_artefact(session: Session, slug: str) -> bool:
     session.delete(artefact)
     session.commit()
     return True
+
+
+def _escape_like(text: str) -> str:
+    """Make % and _ in user text match themselves in a LIKE pattern."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _slug_taken(session: Session, slug: str) -> bool:

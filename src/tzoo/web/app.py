@@ -9,16 +9,21 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from tzoo import __version__
 from tzoo.config import Settings, get_settings
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.result_cache import make_result_cache
 from tzoo.store.db import create_engine_for, run_migrations, session_factory
+from tzoo.web.deps import template_context
 from tzoo.web.errors import install_error_handlers
 from tzoo.web.preload import Preloader
-from tzoo.web.routes import docs, health, models, pages
+from tzoo.web.routes import annotations as annotation_routes
+from tzoo.web.routes import auth, docs, health, models, pages, visualizations
+from tzoo.web.security import CsrfCookieMiddleware, LoginLimiter
 
 WEB_DIR = Path(str(files("tzoo.web")))
 
@@ -51,7 +56,11 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     app.state.engine = create_engine_for(settings.sqlalchemy_url)
     app.state.session_factory = session_factory(app.state.engine)
     app.state.preloader = Preloader(manager, list(settings.preload))
-    app.state.templates = Jinja2Templates(directory=WEB_DIR / "templates")
+    app.state.result_cache = make_result_cache(settings)
+    app.state.templates = Jinja2Templates(
+        directory=WEB_DIR / "templates", context_processors=[template_context]
+    )
+    app.state.login_limiter = LoginLimiter()
 
     if settings.allowed_origins:
         app.add_middleware(
@@ -60,8 +69,14 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    # Attention layers are float16 matrices, half zeros for causal models: gzip halves them.
+    app.add_middleware(GZipMiddleware, minimum_size=1024)
+    # Sends the anonymous CSRF cookie minted while a page rendered (see web/security.py).
+    app.add_middleware(CsrfCookieMiddleware, settings=settings)
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
-    for module in (health, models, docs, pages):
+    # annotation_routes: the name `annotations` is taken by `from __future__ import annotations`.
+    for module in (health, models, docs, pages, auth, annotation_routes, visualizations):
         app.include_router(module.router)
+    app.include_router(visualizations.pages)
     return app

@@ -1,4 +1,4 @@
-"""One place that turns runtime errors into HTTP answers with a sentence, never a trace."""
+"""One place that turns errors into HTTP answers with a sentence, never a trace."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from loguru import logger
 
+from tzoo.analyses.attention import EmptyInputError, InputTooLongError
 from tzoo.runtime.errors import (
     DeviceError,
     ModelError,
@@ -18,7 +19,7 @@ from tzoo.runtime.errors import (
 from tzoo.runtime.manager import ModelBusyError
 
 # Most specific first: the first matching class decides the status.
-STATUS_OF: list[tuple[type[ModelError], int]] = [
+STATUS_OF: list[tuple[type[Exception], int]] = [
     (UnknownModelError, 404),
     (ModelTooLargeError, 413),
     (ModelLoadError, 422),
@@ -26,18 +27,22 @@ STATUS_OF: list[tuple[type[ModelError], int]] = [
     (UnsupportedArchitectureError, 422),
     (ModelBusyError, 409),
     (ModelUnavailableError, 503),
+    (InputTooLongError, 413),
+    (EmptyInputError, 422),
 ]
+USER_ERRORS: tuple[type[Exception], ...] = (ModelError, InputTooLongError, EmptyInputError)
 
 
-def status_for(exc: ModelError) -> int:
+def status_for(exc: Exception) -> int:
     for cls, status in STATUS_OF:
         if isinstance(exc, cls):
             return status
     return 500
 
 
-def error_body(exc: ModelError) -> dict[str, object]:
-    body: dict[str, object] = {"detail": exc.message, "error": type(exc).__name__}
+def error_body(exc: Exception) -> dict[str, object]:
+    message = exc.message if isinstance(exc, ModelError) else str(exc)
+    body: dict[str, object] = {"detail": message, "error": type(exc).__name__}
     if isinstance(exc, UnknownModelError):
         body["known"] = exc.known
     if isinstance(exc, ModelTooLargeError):
@@ -46,9 +51,11 @@ def error_body(exc: ModelError) -> dict[str, object]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ModelError)
-    async def _model_error(_request: Request, exc: ModelError) -> JSONResponse:
+    async def _user_error(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    for cls in USER_ERRORS:
+        app.add_exception_handler(cls, _user_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ TOOLS: list[Tool] = [
         "attention",
         "Attention explorer",
         "Head, model and neuron views of every layer's attention, at permanent links.",
-        None,
+        "/#visualize",
     ),
     Tool(
         "wheel",

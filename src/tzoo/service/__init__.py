@@ -1,0 +1,1 @@
+"""Services between the web layer and the analyses: caching, computing, storing."""
