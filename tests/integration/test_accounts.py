@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
-from tzoo_testing import make_settings
+from tzoo_testing import FORM_TOKEN, META_TOKEN, PASSWORD, form_token, make_settings
 
 from tzoo.store import (
     ApiToken,
@@ -34,15 +34,7 @@ from tzoo.web import security
 from tzoo.web.access import can_view, owned_artefact, visible_artefact
 from tzoo.web.app import create_app
 
-PASSWORD = "correct horse battery"
-FORM_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-META_TOKEN = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
-
-
-@pytest.fixture(autouse=True)
-def _cheap_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    monkeypatch.setattr(security, "PASSWORD_HASHER", cheap)
+pytestmark = pytest.mark.usefixtures("cheap_passwords")
 
 
 @pytest.fixture
@@ -54,12 +46,6 @@ def app(tmp_path: Path, database_url: str) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as test_client:  # runs the lifespan: migrations
         yield test_client
-
-
-def form_token(client: TestClient, page: str = "/login") -> str:
-    match = FORM_TOKEN.search(client.get(page).text)
-    assert match, f"no csrf_token field on {page}"
-    return match.group(1)
 
 
 def meta_token(client: TestClient) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -10,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from tzoo_testing import make_settings
+from tzoo_testing import FORM_TOKEN, META_TOKEN, PASSWORD, make_settings
 
 from tzoo.store import (
     Anchor,
@@ -30,19 +28,10 @@ from tzoo.store import (
     list_annotations,
 )
 from tzoo.store.annotations import thread_order
-from tzoo.web import security
 from tzoo.web.app import create_app
 
-PASSWORD = "correct horse battery"
+pytestmark = pytest.mark.usefixtures("cheap_passwords")
 PARAMS = {"n_layers": 2, "n_heads": 4, "n_tokens": 5}
-FORM_TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
-META_TOKEN = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
-
-
-@pytest.fixture(autouse=True)
-def _cheap_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    cheap = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-    monkeypatch.setattr(security, "PASSWORD_HASHER", cheap)
 
 
 @pytest.fixture
