@@ -19,14 +19,16 @@ def test_home_lists_tools_and_models_and_loads_offline(live_server: str, page) -
 
 
 def test_load_and_unload_a_model_from_the_table(live_server: str, page) -> None:  # type: ignore[no-untyped-def]
+    # The live server is shared by the session: start from a known state.
+    page.request.post(live_server + "/api/models/tiny-gpt2/unload")
     page.goto(live_server + "/")
     row = page.locator('tr[data-model="tiny-gpt2"]')
-    row.get_by_role("button", name="Load").click()
+    row.get_by_role("button", name="Load", exact=True).click()
     page.wait_for_function(
         "document.querySelector('tr[data-model=\"tiny-gpt2\"] .state').textContent === 'loaded'"
     )
     assert "tiny-gpt2 loaded" in page.locator("#models-status").inner_text()
-    row.get_by_role("button", name="Unload").click()
+    row.get_by_role("button", name="Unload", exact=True).click()
     page.wait_for_function(
         "document.querySelector('tr[data-model=\"tiny-gpt2\"] .state').textContent === 'available'"
     )
