@@ -246,9 +246,14 @@ def _standalone_html(result: Any) -> str:
     from tzoo.service.visualizations import view_arrays
     from tzoo.web.standalone import render_standalone_html
 
-    attention, neurons = view_arrays(attention_parts(result))
-    title = f"Attention — {result.model_name}"
-    return render_standalone_html(attention_meta(result), attention, neurons or None, title=title)
+    attention, neurons, position_bias = view_arrays(attention_parts(result))
+    return render_standalone_html(
+        attention_meta(result),
+        attention,
+        neurons,
+        position_bias=position_bias,
+        title=f"Attention — {result.model_name}",
+    )
 
 
 def _share(

@@ -119,3 +119,13 @@ def test_script_in_the_model_name_is_shown_as_text(browser: Any, live_server: st
     assert "Unknown model '<img" in page.locator("#form-error").inner_text()
     assert_inert(page)
     context.close()
+
+
+def test_t5_neuron_view_fetches_the_position_bias_and_matches(page: Any, live_server: str) -> None:
+    url = create_from_home(page, live_server, "Hello there, world.", model="tiny-t5")
+    page.goto(url + "#view=neuron&stack=encoder&layer=1&head=2&token=3")
+    page.wait_for_selector(".tzv-verify[data-matches]")
+    summary = page.locator(".tzv-verify")
+    assert summary.get_attribute("data-matches") == "true", summary.inner_text()
+    assert float(summary.get_attribute("data-max-diff")) < 1e-3
+    assert any("/position_bias?stack=encoder" in u for u in page.requests)

@@ -48,8 +48,9 @@ def write_export(result: Any, path: Path, *, evil_token: int | None = None) -> P
             info["key_tokens"][evil_token] = XSS
         meta["tokens"][evil_token] = XSS
         meta["model_name"] = f"tiny {XSS}"
-    attention, neurons = split_parts(attention_parts(result))
-    path.write_text(render_standalone_html(meta, attention, neurons), encoding="utf-8")
+    attention, neurons, position_bias = split_parts(attention_parts(result))
+    page = render_standalone_html(meta, attention, neurons, position_bias=position_bias)
+    path.write_text(page, encoding="utf-8")
     return path
 
 
@@ -304,9 +305,41 @@ def test_encoder_decoder_has_a_stack_selector(page, results, tmp_path: Path) -> 
     page.get_by_role("tab", name="Neuron").click()
     assert "Cross attention has no neuron view" in page.locator("#tzv-panel-neuron").inner_text()
     stack.select_option("encoder")
-    # T5 adds a position bias q·k does not hold; the view says they differ, it never lies.
     summary = page.locator(".tzv-verify")
     assert summary.get_attribute("data-matches") in {"true", "false"}
+    assert_offline(page)
+
+
+def test_t5_neuron_view_adds_the_position_bias_and_matches(page, results, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    t5 = results["t5"]
+    encoder = t5.encoder
+    file = write_export(t5, tmp_path / "t5.html")
+    open_view(page, file, "#view=neuron&stack=encoder&layer=1&head=1&token=2")
+    summary = page.locator(".tzv-verify")
+    assert summary.get_attribute("data-matches") == "true", summary.inner_text()
+    assert float(summary.get_attribute("data-max-diff")) < 1e-3
+    assert "bias" in summary.inner_text() and "they match" in summary.inner_text()
+    titles = page.locator("svg.tzv-neuronsvg .nv-titles text").all_text_contents()
+    assert "+ bias" in titles and "= score" in titles
+    rows = page.locator("g.nv-row").evaluate_all(
+        """rs => rs.map(r => ({ j: +r.dataset.j, score: +r.dataset.score, bias: +r.dataset.bias,
+            dot: +r.querySelector('.nv-dot').textContent,
+            shownBias: +r.querySelector('.nv-bias').textContent,
+            shownScore: +r.querySelector('.nv-score').textContent }))"""
+    )
+    bias = encoder.position_bias[1, 2]  # (heads, Tq, Tk) -> head 1, query 2
+    assert len(rows) == len(encoder.key_tokens)
+    for row in rows:
+        assert abs(row["bias"] - bias[row["j"]]) < 2e-3  # float16 in the file
+        # What the reader sees adds up: q·k + bias = score (to the shown decimals).
+        assert abs(row["dot"] + row["shownBias"] - row["shownScore"]) < 2.5e-3
+    # Every layer of the stack reuses the one bias; the decoder's has its causal mask too.
+    for hash_ in (
+        "#view=neuron&stack=encoder&layer=0&head=3&token=0",
+        "#view=neuron&stack=decoder&layer=1&head=0",
+    ):
+        open_view(page, file, hash_)
+        assert page.locator(".tzv-verify").get_attribute("data-matches") == "true"
     assert_offline(page)
 
 

@@ -111,6 +111,16 @@ def test_attention_writes_an_offline_html_file(tmp_path: Path) -> None:
     assert 'src="http' not in page
 
 
+def test_attention_html_of_t5_holds_its_position_bias(tmp_path: Path) -> None:
+    out = tmp_path / "t5.html"
+    args = ["attention", "Hello there.", "--model", "tiny-t5", "--out", str(out)]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert '"position_bias":{"encoder":{"shape":[4,' in page
+    assert '"has_position_bias":true' in page
+
+
 def test_attention_share_stores_it_and_prints_the_link(tmp_path: Path) -> None:
     from tzoo.config import Settings
     from tzoo.store import create_engine_for, get_artefact, session_factory

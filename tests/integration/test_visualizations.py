@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,50 @@ def test_neuron_data_is_queries_then_keys(client: TestClient) -> None:
     softmax = np.exp(scores - scores.max(-1, keepdims=True))
     softmax /= softmax.sum(-1, keepdims=True)
     np.testing.assert_allclose(softmax, layer(client, slug, 1), atol=5e-3)
+
+
+def binary(client: TestClient, url: str, **params: object) -> np.ndarray:
+    response = client.get(url, params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tzoo-dtype"] == "float16"
+    shape = tuple(int(x) for x in response.headers["x-tzoo-shape"].split(","))
+    return np.frombuffer(response.content, dtype="<f2").reshape(shape).astype(np.float32)
+
+
+def test_t5_position_bias_makes_q_k_scores_exact(client: TestClient) -> None:
+    slug = create(client, model_name="tiny-t5", text="Hello there, world.", pair="Hallo.")["slug"]
+    meta = client.get(f"/api/visualizations/{slug}").json()
+    assert meta["stacks"]["encoder"]["has_position_bias"] is True
+    assert meta["stacks"]["encoder"]["score_scale"] == 1.0
+    t = len(meta["stacks"]["encoder"]["query_tokens"])
+    url = f"/api/visualizations/{slug}"
+    bias = binary(client, f"{url}/position_bias", stack="encoder")
+    assert bias.shape == (4, t, t)
+    for n in range(2):  # every layer reuses the stack's one bias
+        qk = binary(client, f"{url}/neurons", layer=n, stack="encoder")
+        scores = np.einsum("htd,hsd->hts", qk[0], qk[1]) + bias  # encoder: no mask
+        softmax = np.exp(scores - scores.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)
+        np.testing.assert_allclose(softmax, layer(client, slug, n, "encoder"), atol=5e-3)
+    # Cross attention and models without a bias say so.
+    response = client.get(f"{url}/position_bias", params={"stack": "cross"})
+    assert response.status_code == 404 and "no position bias" in response.json()["detail"]
+    gpt2 = create(client)["slug"]
+    response = client.get(f"/api/visualizations/{gpt2}/position_bias")
+    assert response.status_code == 404 and "no position bias" in response.json()["detail"]
+    response = client.get(f"{url}/position_bias", params={"stack": "middle"})
+    assert response.status_code == 404 and "No stack 'middle'" in response.json()["detail"]
+
+
+def test_t5_export_holds_the_position_bias(client: TestClient) -> None:
+    slug = create(client, model_name="tiny-t5", text="Hello there", pair="Hallo")["slug"]
+    page = client.get(f"/viz/{slug}/export.html").text
+    match = re.search(r'<script type="application/json" id="tzoo-embedded">(.*?)</script>', page)
+    assert match
+    payload = json.loads(match.group(1))
+    assert set(payload["position_bias"]) == {"encoder", "decoder"}
+    stacks = payload["meta"]["stacks"]
+    assert stacks["encoder"]["has_position_bias"] and not stacks["cross"]["has_position_bias"]
 
 
 @pytest.mark.parametrize(

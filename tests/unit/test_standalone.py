@@ -227,9 +227,37 @@ def test_split_parts_pairs_queries_and_keys_of_self_attention_only() -> None:
         "cross.0.neurons": {"queries": q, "keys": np.ones((2, 5, 4))},
         "decoder.position_bias": {"position_bias": np.zeros((2, 3, 3))},
     }
-    attention, neurons = split_parts(parts)
+    attention, neurons, position_bias = split_parts(parts)
     assert set(attention) == {"decoder.0", "cross.0"}
     assert set(neurons) == {"decoder.0"} and neurons["decoder.0"].shape == (2, 2, 3, 4)
+    assert set(position_bias) == {"decoder"} and position_bias["decoder"].shape == (2, 3, 3)
+
+
+def test_the_position_bias_is_inside_per_stack_and_claimed_only_when_it_is() -> None:
+    meta, attention, neurons = hand_made()
+    meta["stacks"]["decoder"]["has_position_bias"] = True
+    bias = np.random.default_rng(1).normal(size=(3, 7, 7)).astype(np.float32)
+    payload = embedded_payload(
+        render_standalone_html(meta, attention, neurons, position_bias={"decoder": bias})
+    )
+    assert payload["meta"]["stacks"]["decoder"]["has_position_bias"] is True
+    np.testing.assert_allclose(float16_block(payload["position_bias"]["decoder"]), bias, atol=2e-3)
+    # Without the array in the file the views must not look for it.
+    payload = embedded_payload(render_standalone_html(meta, attention, neurons))
+    assert payload["meta"]["stacks"]["decoder"]["has_position_bias"] is False
+    assert payload["position_bias"] == {}
+
+
+@pytest.mark.parametrize(
+    ("stack", "shape", "phrase"),
+    [("decoder", (3, 7), "expected"), ("encoder", (3, 7, 7), "stacks are decoder")],
+)
+def test_bad_position_bias_gets_a_clear_error(
+    stack: str, shape: tuple[int, ...], phrase: str
+) -> None:
+    meta, attention, _ = hand_made()
+    with pytest.raises(ValueError, match=phrase):
+        render_standalone_html(meta, attention, position_bias={stack: np.zeros(shape)})
 
 
 def test_a_real_result_renders_for_jupyter(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -246,8 +274,9 @@ def test_a_real_result_renders_for_jupyter(tmp_path) -> None:  # type: ignore[no
     srcdoc = re.search(r'srcdoc="([^"]*)"', frame)
     assert srcdoc, "the page is one escaped attribute"
     page = html.unescape(srcdoc.group(1))
+    attention_arrays, neurons, position_bias = split_parts(attention_parts(result))
     assert page == render_standalone_html(
-        attention_meta(result), *split_parts(attention_parts(result))
+        attention_meta(result), attention_arrays, neurons, position_bias=position_bias
     )
     assert 'sandbox="allow-scripts allow-downloads"' in frame
     assert "<script" not in frame.split("srcdoc=")[0]

@@ -125,19 +125,34 @@ def default_stack(artefact: Artefact) -> str:
     return "decoder" if "decoder" in stacks and len(stacks) == 1 else next(iter(stacks))
 
 
+def stack_bias_part(artefact: Artefact, stack: str) -> str:
+    """The part name holding a stack's position bias (T5), after checking it has one.
+
+    Raises LookupError with a sentence saying why not.
+    """
+    stacks = artefact.params["meta"]["stacks"]
+    if stack not in stacks:
+        raise LookupError(f"No stack {stack!r}; this visualization has {', '.join(stacks)}.")
+    if not stacks[stack].get("has_position_bias"):
+        raise LookupError(
+            f"The {stack} stack has no position bias: its scores are the scaled q·k alone."
+        )
+    return f"{stack}.position_bias"
+
+
 def view_arrays(
     parts: dict[str, dict[str, np.ndarray]],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Split stored parts into what the views read: attention by ``stack.layer`` (heads, Tq,
-    Tk) and, for self-attention stacks, stacked queries and keys (2, heads, T, d_head)."""
-    attention = {
-        name: arrays["attention"] for name, arrays in parts.items() if "attention" in arrays
-    }
-    neurons = {}
-    for name, arrays in parts.items():
-        if name.endswith(".neurons") and arrays["queries"].shape == arrays["keys"].shape:
-            neurons[name.removesuffix(".neurons")] = np.stack([arrays["queries"], arrays["keys"]])
-    return attention, neurons
+    Tk), for self-attention stacks stacked queries and keys (2, heads, T, d_head) by the
+    same name, and T5's position bias by stack (heads, Tq, Tk).
+
+    The standalone export does the splitting (it is pure numpy and needs it without a
+    database); this is the same function for the service's callers.
+    """
+    from tzoo.web.standalone import split_parts
+
+    return split_parts(parts)
 
 
 def load_all_parts(session: Session, artefact: Artefact) -> dict[str, dict[str, np.ndarray]]:

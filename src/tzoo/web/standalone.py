@@ -3,8 +3,9 @@
 The file holds everything the views need and loads nothing: the stylesheets inline, d3 as
 a classic ``data:`` script, our ES modules through an import map of ``data:`` URLs (the
 same bare specifiers the site maps to ``/static/js/attention/``), and the data as JSON with
-one base64 float16 block per layer. A Content-Security-Policy forbids any connection, so a
-file opened from disk or inside a notebook cannot reach the network even by mistake.
+one base64 float16 block per layer (and one per stack for T5's position bias). A
+Content-Security-Policy forbids any connection, so a file opened from disk or inside a
+notebook cannot reach the network even by mistake.
 
 Pure Python: no database, no app, no model. ``render_result_html`` wraps the page in an
 ``<iframe srcdoc>`` for ``_repr_html_`` in Jupyter.
@@ -51,21 +52,25 @@ def render_standalone_html(
     attention: Mapping[str, np.ndarray],
     neurons: Mapping[str, np.ndarray] | None = None,
     *,
+    position_bias: Mapping[str, np.ndarray] | None = None,
     title: str | None = None,
 ) -> str:
     """The whole explorer as one HTML document that works offline.
 
     ``meta`` follows the ``GET /api/visualizations/{slug}`` contract; ``attention`` maps
     ``"{stack}.{layer}"`` to float arrays ``(heads, Tq, Tk)``; ``neurons`` maps the same
-    names to ``(2, heads, T, d_head)`` (queries, then keys). Layers missing from the
-    mappings show a message in the views instead of a picture.
+    names to ``(2, heads, T, d_head)`` (queries, then keys); ``position_bias`` maps a stack
+    name to the ``(heads, Tq, Tk)`` bias T5 adds to every layer's scores. Layers missing
+    from the mappings show a message in the views instead of a picture.
     """
     neurons = neurons or {}
+    position_bias = position_bias or {}
     payload = {
         "format_version": FORMAT_VERSION,
-        "meta": _export_meta(meta, neurons),
-        "attention": {name: _float16_block(name, a, ndim=3) for name, a in attention.items()},
-        "neurons": {name: _float16_block(name, n, ndim=4) for name, n in neurons.items()},
+        "meta": _export_meta(meta, neurons, position_bias),
+        "attention": {name: _layer_block(name, a, ndim=3) for name, a in attention.items()},
+        "neurons": {name: _layer_block(name, n, ndim=4) for name, n in neurons.items()},
+        "position_bias": {stack: _bias_block(stack, b, meta) for stack, b in position_bias.items()},
     }
     title = title or f"Attention — {meta.get('model_name', 'Transformer Zoo')}"
     view = _view_template().render(
@@ -107,8 +112,8 @@ def render_result_html(result: Any, *, height: int | None = None) -> str:
     from tzoo.analyses.attention_record import attention_meta, attention_parts
 
     meta = attention_meta(result)
-    attention, neurons = split_parts(attention_parts(result))
-    page = render_standalone_html(meta, attention, neurons or None)
+    attention, neurons, position_bias = split_parts(attention_parts(result))
+    page = render_standalone_html(meta, attention, neurons, position_bias=position_bias)
     tokens = max(
         (len(s.get("query_tokens", [])) for s in meta.get("stacks", {}).values()), default=0
     )
@@ -123,20 +128,24 @@ def render_result_html(result: Any, *, height: int | None = None) -> str:
 
 def split_parts(
     parts: Mapping[str, Mapping[str, np.ndarray]],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Stored parts to view arrays: ``"{stack}.{layer}"`` -> attention ``(H, Tq, Tk)`` and,
-    where queries and keys have the same length (self-attention), ``(2, H, T, D)``."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Stored parts (``tzoo.analyses.attention_record``) to the arrays the views read:
+    attention by ``"{stack}.{layer}"`` ``(H, Tq, Tk)``; where queries and keys have the same
+    length (self-attention), queries and keys stacked ``(2, H, T, D)`` by the same name;
+    and the position bias by stack name ``(H, Tq, Tk)`` (T5)."""
     attention = {
         name: arrays["attention"] for name, arrays in parts.items() if "attention" in arrays
     }
     neurons: dict[str, np.ndarray] = {}
+    position_bias: dict[str, np.ndarray] = {}
     for name, arrays in parts.items():
-        if not name.endswith(".neurons"):
-            continue
-        queries, keys = np.asarray(arrays["queries"]), np.asarray(arrays["keys"])
-        if queries.shape == keys.shape:
-            neurons[name.removesuffix(".neurons")] = np.stack([queries, keys])
-    return attention, neurons
+        if name.endswith(".neurons"):
+            queries, keys = np.asarray(arrays["queries"]), np.asarray(arrays["keys"])
+            if queries.shape == keys.shape:
+                neurons[name.removesuffix(".neurons")] = np.stack([queries, keys])
+        elif name.endswith(".position_bias"):
+            position_bias[name.removesuffix(".position_bias")] = arrays["position_bias"]
+    return attention, neurons, position_bias
 
 
 def script_json(value: Any) -> str:
@@ -152,25 +161,46 @@ def script_json(value: Any) -> str:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _export_meta(meta: Mapping[str, Any], neurons: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _export_meta(
+    meta: Mapping[str, Any],
+    neurons: Mapping[str, np.ndarray],
+    position_bias: Mapping[str, np.ndarray],
+) -> dict[str, Any]:
     """The metadata as the export shows it: a stack offers the neuron view only when its
-    query/key vectors are in the file."""
+    query/key vectors are in the file, and claims a position bias only when that is too."""
     exported = copy.deepcopy(dict(meta))
     stacks = exported.get("stacks") or {}
     for stack, info in stacks.items():
         info["has_neurons"] = bool(info.get("has_neurons", True)) and any(
             name.rsplit(".", 1)[0] == stack for name in neurons
         )
+        info["has_position_bias"] = bool(info.get("has_position_bias")) and (stack in position_bias)
     return exported
 
 
-def _float16_block(name: str, array: np.ndarray, *, ndim: int) -> dict[str, Any]:
+def _layer_block(name: str, array: np.ndarray, *, ndim: int) -> dict[str, Any]:
     values = np.asarray(array)
     if values.ndim != ndim or (ndim == 4 and values.shape[0] != 2):
         expected = "(heads, Tq, Tk)" if ndim == 3 else "(2, heads, T, d_head)"
         raise ValueError(f"{name!r} has shape {values.shape}; expected {expected}.")
     if "." not in name:
         raise ValueError(f"Array names are '{{stack}}.{{layer}}', got {name!r}.")
+    return _float16_block(values)
+
+
+def _bias_block(stack: str, array: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    values = np.asarray(array)
+    stacks = meta.get("stacks") or {}
+    if stack not in stacks:
+        raise ValueError(f"Position bias for stack {stack!r}; the stacks are {', '.join(stacks)}.")
+    if values.ndim != 3:
+        raise ValueError(
+            f"The {stack} position bias has shape {values.shape}; expected (heads, Tq, Tk)."
+        )
+    return _float16_block(values)
+
+
+def _float16_block(values: np.ndarray) -> dict[str, Any]:
     with np.errstate(over="ignore"):
         data = np.ascontiguousarray(values, dtype="<f2")
     return {

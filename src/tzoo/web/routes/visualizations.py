@@ -20,6 +20,7 @@ from tzoo.service.visualizations import (
     create_visualization,
     default_stack,
     load_all_parts,
+    stack_bias_part,
     stack_layer_part,
     view_arrays,
 )
@@ -237,6 +238,26 @@ def read_neurons(
     return _binary(np.stack([queries, keys]))
 
 
+@router.get("/{slug}/position_bias", responses={200: {"content": {"application/octet-stream": {}}}})
+def read_position_bias(
+    slug: str,
+    session: SessionDep,
+    user: CurrentUserDep,
+    stack: Annotated[str | None, Query(max_length=16)] = None,
+) -> Response:
+    """The learned relative-position bias T5 adds to ``score_scale * q·k`` before the
+    softmax, shared by every layer of the stack: float16 (heads, Tq, Tk)."""
+    artefact = visible_artefact(session, slug, user)
+    try:
+        name = stack_bias_part(artefact, stack or default_stack(artefact))
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    arrays = load_part(session, artefact, name)
+    if arrays is None:
+        raise HTTPException(404, f"This visualization has no stored data for {name}.")
+    return _binary(arrays["position_bias"])
+
+
 @router.patch("/{slug}", response_model=VisualizationSummary)
 def update(
     slug: str,
@@ -336,9 +357,13 @@ def export_html(slug: str, request: Request, session: SessionDep, user: CurrentU
 
     artefact = visible_artefact(session, slug, user)
     meta = visualization_meta(request, session, artefact)
-    attention, neurons = view_arrays(load_all_parts(session, artefact))
+    attention, neurons, position_bias = view_arrays(load_all_parts(session, artefact))
     html = render_standalone_html(
-        meta, attention, neurons or None, title=f"Attention — {artefact.model_name}"
+        meta,
+        attention,
+        neurons,
+        position_bias=position_bias,
+        title=f"Attention — {artefact.model_name}",
     )
     return HTMLResponse(
         html, headers={"Content-Disposition": f'attachment; filename="tzoo-attention-{slug}.html"'}

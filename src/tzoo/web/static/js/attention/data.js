@@ -9,6 +9,8 @@ import { base64ToBytes, decodeFloat16 } from "tzoo/attention/float16.js";
  * @typedef {{ heads: number, tq: number, tk: number, data: Float32Array,
  *             value: (h: number, i: number, j: number) => number,
  *             row: (h: number, i: number) => Float32Array }} AttentionLayer
+ * A position bias (T5) has the same shape and accessors: `value(h, i, j)` is added to the
+ * score of query i and key j in head h, in every layer of the stack.
  * Query and key vectors of one layer: `query(h, i)` and `key(h, j)` are d-vectors.
  * @typedef {{ heads: number, t: number, d: number, data: Float32Array,
  *             query: (h: number, i: number) => Float32Array,
@@ -83,7 +85,7 @@ export async function errorDetail(response) {
 }
 
 /**
- * A source of attention and neuron layers with a per-layer cache.
+ * A source of attention and neuron layers, and of each stack's position bias, with a cache.
  * @param {object} meta
  * @param {{ root?: HTMLElement }} [options]
  */
@@ -92,8 +94,9 @@ export function createSource(meta, { root = document.getElementById("tzoo-attent
   const cache = new Map();
   const slug = meta.slug || root?.dataset.slug;
 
-  async function fetchLayer(kind, stack, layer) {
-    const url = `${apiBase(root)}/visualizations/${encodeURIComponent(slug)}/${kind}?layer=${layer}&stack=${encodeURIComponent(stack)}`;
+  async function fetchBlock(kind, stack, layer) {
+    const where = layer == null ? "" : `layer=${layer}&`;
+    const url = `${apiBase(root)}/visualizations/${encodeURIComponent(slug)}/${kind}?${where}stack=${encodeURIComponent(stack)}`;
     const response = await fetch(url);
     if (!response.ok) throw new DataError(await errorDetail(response));
     const shape = (response.headers.get("X-Tzoo-Shape") || "").split(",").map(Number);
@@ -102,11 +105,12 @@ export function createSource(meta, { root = document.getElementById("tzoo-attent
     return { shape, data: decodeFloat16(await response.arrayBuffer()) };
   }
 
-  function embeddedLayer(kind, stack, layer) {
-    const entry = embedded[kind]?.[`${stack}.${layer}`];
+  /** An embedded block: a layer's (`stack.layer`), or a stack's own when `layer` is null. */
+  function embeddedBlock(kind, stack, layer) {
+    const entry = embedded[kind]?.[layer == null ? stack : `${stack}.${layer}`];
     if (!entry) {
-      const what = kind === "neurons" ? "query/key vectors" : "attention";
-      throw new DataError(`This export does not include the ${what} of ${stack} layer ${layer}.`);
+      const what = { neurons: "query/key vectors", position_bias: "position bias" }[kind] || "attention";
+      throw new DataError(`This export does not include the ${what} of ${stack}${layer == null ? "" : ` layer ${layer}`}.`);
     }
     return { shape: entry.shape, data: decodeFloat16(base64ToBytes(entry.data)) };
   }
@@ -115,7 +119,7 @@ export function createSource(meta, { root = document.getElementById("tzoo-attent
     const key = `${kind}:${stack}:${layer}`;
     if (!cache.has(key)) {
       const promise = (async () => {
-        const raw = embedded ? embeddedLayer(kind, stack, layer) : await fetchLayer(kind, stack, layer);
+        const raw = embedded ? embeddedBlock(kind, stack, layer) : await fetchBlock(kind, stack, layer);
         return build(raw.shape, raw.data);
       })();
       promise.catch(() => cache.delete(key)); // a failed load may be retried
@@ -131,5 +135,8 @@ export function createSource(meta, { root = document.getElementById("tzoo-attent
     attention: (stack, layer) => load("attention", stack, layer, attentionLayer),
     /** @returns {Promise<NeuronLayer>} */
     neurons: (stack, layer) => load("neurons", stack, layer, neuronLayer),
+    /** The stack's position bias (T5; `meta.stacks[stack].has_position_bias`), loaded once
+     *  for all its layers. @returns {Promise<AttentionLayer>} */
+    positionBias: (stack) => load("position_bias", stack, null, attentionLayer),
   };
 }

@@ -3,16 +3,21 @@
 
 /**
  * Scores and softmax of one query against every key, as the model computes them:
- * softmax over keys of `scale * q·k`, with keys after the query masked in a causal stack.
+ * softmax over keys of `scale * q·k + bias`, with keys after the query masked in a causal
+ * stack. `bias` is T5's learned relative-position bias for this head and query (null: none).
  * @param {Float32Array} q            (d,)
  * @param {(j: number) => Float32Array} key  the key vector of position j, (d,)
  * @param {number} count              number of keys
- * @param {number} scale              the model's score scale (usually 1/sqrt(d))
+ * @param {number} scale              the model's score scale (usually 1/sqrt(d), 1 for T5)
  * @param {number | null} causalQuery the query position when keys after it are masked
- * @returns {{ products: Float32Array[], scores: Float64Array, softmax: Float64Array, masked: boolean[] }}
+ * @param {((j: number) => number) | null} [bias] the bias added to the score of key j
+ * @returns {{ products: Float32Array[], dots: Float64Array, biases: Float64Array | null,
+ *             scores: Float64Array, softmax: Float64Array, masked: boolean[] }}
  */
-export function attentionRow(q, key, count, scale, causalQuery) {
+export function attentionRow(q, key, count, scale, causalQuery, bias = null) {
   const products = [];
+  const dots = new Float64Array(count);
+  const biases = bias ? Float64Array.from({ length: count }, (_, j) => bias(j)) : null;
   const scores = new Float64Array(count);
   const masked = [];
   for (let j = 0; j < count; j++) {
@@ -24,10 +29,11 @@ export function attentionRow(q, key, count, scale, causalQuery) {
       dot += q[d] * k[d];
     }
     products.push(product);
-    scores[j] = scale * dot;
+    dots[j] = dot;
+    scores[j] = scale * dot + (biases ? biases[j] : 0);
     masked.push(causalQuery != null && j > causalQuery);
   }
-  return { products, scores, softmax: softmax(scores, masked), masked };
+  return { products, dots, biases, scores, softmax: softmax(scores, masked), masked };
 }
 
 /**

@@ -1,6 +1,7 @@
 // Neuron view: for one (layer, head) and one query token, the query vector q, every key
 // vector k, their elementwise product q×k, the scaled dot product and its softmax, next to
-// the attention the model stored: a reader sees how q and k make each weight.
+// the attention the model stored: a reader sees how q and k make each weight. For T5 the
+// learned relative-position bias gets its own column, so q·k + bias = score on every row.
 //
 // Vectors are drawn as pixel images (one row per key, one column per dimension) inside the
 // SVG, so 512 keys x 64 dimensions stay two elements and still export as SVG.
@@ -13,7 +14,7 @@ import { displayToken, shortToken } from "tzoo/attention/tokens.js";
 const d3 = globalThis.d3;
 const ROW = 18;
 const FONT = '12px system-ui, -apple-system, "Segoe UI", sans-serif';
-const MATCH = 2e-3; // float16 storage of q, k and attention keeps agreement within this
+const MATCH = 2e-3; // float16 storage of q, k, bias and attention keeps agreement within this
 
 /**
  * A data URL of a (rows x cols) image: pixel (r, c) shows `value(r, c)` in -1..1 through
@@ -70,7 +71,7 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
   clear(panel).append(
     el("div", { class: "tzv-panelbar" },
       el("label", { class: "tzv-check" }, topBox, ` Only the ${TOP} keys with the most attention`),
-      el("span", { class: "tzv-hint" }, "Pick a layer, a head and a query token above. Each row is a key: its vector k, the elementwise product q×k (which sums to q·k), the scaled score, the softmax over keys, and the weight the model stored. Click a key token to make it the query.")),
+      el("span", { class: "tzv-hint" }, "Pick a layer, a head and a query token above. Each row is a key: its vector k, the elementwise product q×k (which sums to q·k), the scaled score (plus the position bias, for T5), the softmax over keys, and the weight the model stored. Click a key token to make it the query.")),
     summary, message, scroller, readout,
   );
 
@@ -90,9 +91,13 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
         : "This visualization has no query and key vectors, so the neuron view is not available.");
     }
     panel.classList.add("is-loading");
-    let layer, neurons;
+    let layer, neurons, bias;
     try {
-      [layer, neurons] = await Promise.all([source.attention(state.stack, state.layer), source.neurons(state.stack, state.layer)]);
+      [layer, neurons, bias] = await Promise.all([
+        source.attention(state.stack, state.layer),
+        source.neurons(state.stack, state.layer),
+        info.has_position_bias ? source.positionBias(state.stack) : null,
+      ]);
     } catch (error) {
       if (mine === ticket) {
         panel.classList.remove("is-loading");
@@ -105,17 +110,18 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
     panel.classList.remove("is-loading");
     message.hidden = true;
     scroller.hidden = false;
-    draw(state, info, layer, neurons);
+    draw(state, info, layer, neurons, bias);
   }
 
-  function draw(state, info, layer, neurons) {
+  /** @param {import("tzoo/attention/data.js").AttentionLayer | null} bias T5's position bias */
+  function draw(state, info, layer, neurons, bias) {
     const h = Math.min(state.head, neurons.heads - 1);
     const count = neurons.t;
     const i = state.token ?? count - 1;
     const causal = state.stack === "decoder";
     const scale = Number(info.score_scale ?? 1 / Math.sqrt(neurons.d));
     const q = neurons.query(h, i);
-    const row = attentionRow(q, (j) => neurons.key(h, j), count, scale, causal ? i : null);
+    const row = attentionRow(q, (j) => neurons.key(h, j), count, scale, causal ? i : null, bias && ((j) => bias.value(h, i, j)));
     const stored = Float64Array.from({ length: count }, (_, j) => layer.value(h, i, j));
     const diff = maxAbsDiff(row.softmax, stored);
     const matches = diff < MATCH;
@@ -129,13 +135,15 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
 
     summary.dataset.maxDiff = String(diff);
     summary.dataset.matches = String(matches);
+    const scaled = scale === 1 ? "q·k" : `${fmt(scale, 4)} × q·k`;
     summary.replaceChildren(
-      el("strong", {}, `softmax(${fmt(scale, 4)} × q·k)`),
+      el("strong", {}, bias ? `softmax(${scaled} + bias)` : `softmax(${scaled})`),
       causal ? ` over keys 0–${i} (causal mask)` : " over all keys",
+      bias ? ", with the learned relative-position bias this model (T5) adds before the softmax," : "",
       " against the attention the model stored: largest difference ",
       el("strong", {}, diff.toExponential(1)),
       matches ? " — they match."
-        : info.has_position_bias ? " — they differ by the learned relative-position bias this model (T5) adds to q·k before the softmax."
+        : bias ? " — they differ: this model adds something q·k and the bias do not hold."
         : " — they differ: this model adds something q·k does not hold (a position bias or a mask).",
     );
     summary.classList.toggle("is-ok", matches);
@@ -158,6 +166,11 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
 
     const x = { label: labelW, k: labelW + 10, p: labelW + 10 + d * cw + 28 };
     x.score = x.p + d * cw + 24;
+    if (bias) { // q·k + bias = score, one column each
+      x.dot = x.score;
+      x.bias = x.dot + 76;
+      x.score = x.bias + 76;
+    }
     x.soft = x.score + 84;
     x.att = x.soft + 122;
     x.end = x.att + 122;
@@ -171,7 +184,9 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
 
     const titles = [
       [x.label - 4, "end", "Key"], [x.k, "start", "k (key vector)"], [x.p, "start", "q × k"],
-      [x.score, "start", "score"], [x.soft, "start", "softmax"], [x.att, "start", "stored"],
+      ...(bias ? [[x.dot, "start", scaled], [x.bias, "start", "+ bias"], [x.score, "start", "= score"]]
+        : [[x.score, "start", "score"]]),
+      [x.soft, "start", "softmax"], [x.att, "start", "stored"],
     ];
     svg.append("g").attr("class", "nv-titles").selectAll("text").data(titles).join("text")
       .attr("x", (t) => t[0]).attr("y", 14).attr("text-anchor", (t) => t[1]).text((t) => t[2]);
@@ -185,7 +200,7 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
       .attr("href", vectorImage(1, d, (_, c) => q[c] / vMax, ramp, colors.card));
     qRow.append("rect").attr("class", "nv-frame").attr("x", x.k).attr("y", 0).attr("width", d * cw).attr("height", ROW);
     qRow.append("text").attr("class", "nv-note").attr("x", x.p).attr("y", ROW / 2).attr("dy", "0.35em")
-      .text(`q: ${d} dimensions of head ${h} · blue < 0 < red · score = ${fmt(scale, 4)} × Σ(q × k)`);
+      .text(`q: ${d} dimensions of head ${h} · blue < 0 < red · score = ${bias ? (scale === 1 ? "Σ(q × k) + bias" : `${fmt(scale, 4)} × Σ(q × k) + bias`) : `${fmt(scale, 4)} × Σ(q × k)`}`);
 
     // Keys: one pixel row each.
     const body = svg.append("g").attr("class", "nv-body");
@@ -204,13 +219,20 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
       .attr("transform", (j, r) => `translate(0, ${y(r)})`)
       .attr("data-j", (j) => j)
       .attr("data-score", (j) => (row.masked[j] ? "" : row.scores[j]))
+      .attr("data-bias", (j) => (row.biases ? row.biases[j] : null))
       .attr("data-softmax", (j) => row.softmax[j])
       .attr("data-attention", (j) => stored[j]);
     rows.append("line").attr("class", "nv-sep").attr("x1", 0).attr("x2", width).attr("y1", ROW).attr("y2", ROW);
     rows.append("text").attr("class", "nv-token").attr("x", x.label - 4).attr("y", ROW / 2).attr("dy", "0.35em")
       .attr("text-anchor", "end").text((j) => `${j} ${labels[j]}`)
       .append("title").text((j) => `Key ${j}: ${displayToken(tokens[j])} (click to make it the query)`);
-    rows.append("text").attr("class", "nv-num").attr("x", x.score).attr("y", ROW / 2).attr("dy", "0.35em")
+    if (bias) {
+      rows.append("text").attr("class", "nv-num nv-dot").attr("x", x.dot).attr("y", ROW / 2).attr("dy", "0.35em")
+        .text((j) => (row.masked[j] ? "" : fmt(scale * row.dots[j], 3)));
+      rows.append("text").attr("class", "nv-num nv-bias").attr("x", x.bias).attr("y", ROW / 2).attr("dy", "0.35em")
+        .text((j) => (row.masked[j] ? "" : fmt(row.biases[j], 3)));
+    }
+    rows.append("text").attr("class", "nv-num nv-score").attr("x", x.score).attr("y", ROW / 2).attr("dy", "0.35em")
       .text((j) => (row.masked[j] ? "masked" : fmt(row.scores[j], 3)));
     const bar = (g, at, values, fill, cls) => {
       g.append("rect").attr("class", "nv-bar-bg").attr("x", at).attr("y", 4).attr("width", 50).attr("height", ROW - 8);
@@ -240,7 +262,7 @@ export function createNeuronView({ panel, store, source, meta, navigate, status 
         const c = Math.floor((px - (inK ? x.k : x.p)) / cw);
         readout.textContent = inK
           ? `k[${c}] of key ${j} “${displayToken(tokens[j])}” = ${fmt(keys[j][c], 4)}; q[${c}] = ${fmt(q[c], 4)}`
-          : `q[${c}] × k[${c}] for key ${j} = ${fmt(row.products[j][c], 4)} (the row sums to q·k = ${fmt(row.scores[j] / scale, 4)})`;
+          : `q[${c}] × k[${c}] for key ${j} = ${fmt(row.products[j][c], 4)} (the row sums to q·k = ${fmt(row.dots[j], 4)})`;
       }
     });
   }
