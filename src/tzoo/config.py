@@ -123,6 +123,21 @@ class Settings(BaseSettings):
         description="Send the login cookie only over HTTPS; empty: on in production, off "
         "in development (so http://127.0.0.1 works).",
     )
+    wheel_session_ttl_seconds: int = Field(
+        3600, ge=1, description="A token-wheel session idle this long expires (seconds)."
+    )
+    wheel_cleanup_interval_seconds: int = Field(
+        300, ge=1, description="How often expired token-wheel sessions are removed (seconds)."
+    )
+    wheel_max_sessions: int = Field(
+        100, ge=1, description="Most live token-wheel sessions; more are refused with 429."
+    )
+    wheel_max_context_tokens: int = Field(
+        1024,
+        ge=2,
+        description="Longest context (prompt plus appended tokens) of a token-wheel session; "
+        "longer is refused with 413.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level of the server and CLI."
     )
