@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from importlib.resources import files
 from pathlib import Path
 
@@ -17,12 +18,13 @@ from tzoo import __version__
 from tzoo.config import Settings, get_settings
 from tzoo.runtime.manager import ModelManager
 from tzoo.service.result_cache import make_result_cache
+from tzoo.service.wheel import SessionStore
 from tzoo.store.db import create_engine_for, run_migrations, session_factory
 from tzoo.web.deps import template_context
 from tzoo.web.errors import install_error_handlers
 from tzoo.web.preload import Preloader
 from tzoo.web.routes import annotations as annotation_routes
-from tzoo.web.routes import auth, docs, health, models, pages, visualizations
+from tzoo.web.routes import auth, docs, health, models, pages, visualizations, wheel
 from tzoo.web.security import CsrfCookieMiddleware, LoginLimiter
 
 WEB_DIR = Path(str(files("tzoo.web")))
@@ -38,7 +40,11 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         run_migrations(app.state.engine)
         app.state.preloader.start()
+        cleanup = asyncio.create_task(app.state.wheel_sessions.run_cleanup_loop())
         yield
+        cleanup.cancel()
+        with suppress(asyncio.CancelledError):
+            await cleanup
         manager.unload_all()
         app.state.engine.dispose()
 
@@ -57,6 +63,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     app.state.session_factory = session_factory(app.state.engine)
     app.state.preloader = Preloader(manager, list(settings.preload))
     app.state.result_cache = make_result_cache(settings)
+    app.state.wheel_sessions = SessionStore(settings, manager)
     app.state.templates = Jinja2Templates(
         directory=WEB_DIR / "templates", context_processors=[template_context]
     )
@@ -76,7 +83,8 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
     # annotation_routes: the name `annotations` is taken by `from __future__ import annotations`.
-    for module in (health, models, docs, pages, auth, annotation_routes, visualizations):
+    for module in (health, models, docs, pages, auth, annotation_routes, visualizations, wheel):
         app.include_router(module.router)
-    app.include_router(visualizations.pages)
+    for extra in (visualizations.pages, wheel.replays, wheel.pages):
+        app.include_router(extra)
     return app

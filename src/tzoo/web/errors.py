@@ -17,6 +17,7 @@ from tzoo.runtime.errors import (
     UnsupportedArchitectureError,
 )
 from tzoo.runtime.manager import ModelBusyError
+from tzoo.service.wheel import ContextTooLongError, SessionNotFoundError, TooManySessionsError
 
 # Most specific first: the first matching class decides the status.
 STATUS_OF: list[tuple[type[Exception], int]] = [
@@ -29,8 +30,18 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (ModelUnavailableError, 503),
     (InputTooLongError, 413),
     (EmptyInputError, 422),
+    (SessionNotFoundError, 404),
+    (TooManySessionsError, 429),
+    (ContextTooLongError, 413),
 ]
-USER_ERRORS: tuple[type[Exception], ...] = (ModelError, InputTooLongError, EmptyInputError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ModelError,
+    InputTooLongError,
+    EmptyInputError,
+    SessionNotFoundError,
+    TooManySessionsError,
+    ContextTooLongError,
+)
 
 
 def status_for(exc: Exception) -> int:

@@ -24,7 +24,7 @@ TOOLS: list[Tool] = [
         "wheel",
         "Token wheel",
         "Watch the next-token distribution and sample from it one token at a time.",
-        None,
+        "/wheel",
     ),
     Tool(
         "lenses",
