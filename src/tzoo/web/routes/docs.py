@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 router = APIRouter(include_in_schema=False)
+
+
+@router.get("/favicon.ico")
+def favicon() -> RedirectResponse:
+    """Browsers ask for /favicon.ico whatever the page says; point them at ours."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
 
 _VENDOR = "/static/vendor/swagger-ui"
 
