@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -313,8 +315,23 @@ def test_cleanup_loop_sweeps_expired_sessions(manager: ModelManager, tmp_path: P
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    # Its own thread and loop: Playwright's sync API (browser tests in the same run) keeps
+    # an event loop running on the main thread, where asyncio.run() is refused.
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _run_collecting(run, errors))
+    worker.start()
+    worker.join(timeout=30)
+    assert not errors, errors
     assert len(store) == 0
+
+
+def _run_collecting(
+    make: Callable[[], Coroutine[Any, Any, None]], errors: list[BaseException]
+) -> None:
+    try:
+        asyncio.run(make())
+    except BaseException as exc:
+        errors.append(exc)
 
 
 def test_too_many_sessions(manager: ModelManager, tmp_path: Path) -> None:
