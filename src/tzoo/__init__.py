@@ -15,7 +15,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "tzoo.api",
     "attention": "tzoo.analyses.attention",
+    "verbalize": "tzoo.analyses.verbalize",
+    "VerbalizeResult": "tzoo.analyses.verbalize",
     "AttentionResult": "tzoo.analyses.attention",
+    "logit_lens": "tzoo.analyses.lens",
+    "tuned_lens": "tzoo.analyses.lens",
+    "LensResult": "tzoo.analyses.lens",
+    "TunedLens": "tzoo.analyses.tuned_lens",
     "ModelManager": "tzoo.runtime.manager",
     "ModelHandle": "tzoo.runtime.handle",
     "Settings": "tzoo.config",
@@ -24,6 +30,9 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from tzoo.analyses.attention import AttentionResult, attention
+    from tzoo.analyses.lens import LensResult, logit_lens, tuned_lens
+    from tzoo.analyses.tuned_lens import TunedLens
+    from tzoo.analyses.verbalize import VerbalizeResult, verbalize
     from tzoo.api import load_model
     from tzoo.config import Settings
     from tzoo.runtime.handle import ModelHandle
@@ -32,13 +41,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttentionResult",
+    "LensResult",
     "ModelHandle",
     "ModelManager",
     "Settings",
+    "TunedLens",
+    "VerbalizeResult",
     "__version__",
     "attention",
     "create_app",
     "load_model",
+    "logit_lens",
+    "tuned_lens",
+    "verbalize",
 ]
 
 

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, load and convert models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+lens_app = typer.Typer(help="Train tuned lenses.", no_args_is_help=True)
+app.add_typer(lens_app, name="lens")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -294,6 +296,164 @@ def _print_attention_summary(result: Any) -> None:
             layer, head = np.unravel_index(np.nanargmax(values), values.shape)
             table.add_row(stat, f"L{layer}H{head}", f"{values[layer, head]:.3f}")
         console.print(table)
+
+
+@lens_app.command("train")
+def lens_train(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Catalogue name, local directory or hub id.")
+    ] = "smollm2-135m",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
+    docs: Annotated[int, typer.Option(min=2, help="Documents to sample from the model.")] = 64,
+    tokens_per_doc: Annotated[
+        int, typer.Option("--tokens-per-doc", min=1, help="Tokens sampled per document.")
+    ] = 128,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per training window.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per step.")] = 2,
+    lr: Annotated[float, typer.Option(min=0, help="Peak Adam learning rate.")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the corpus, split and window order.")] = 0,
+    heldout: Annotated[
+        float, typer.Option(min=0.01, max=0.5, help="Fraction of the corpus held out.")
+    ] = 0.1,
+    shipped: Annotated[
+        bool, typer.Option(help="Add the texts shipped with tzoo to the sampled corpus.")
+    ] = True,
+    bf16: Annotated[
+        bool,
+        typer.Option(help="Train the readout in bfloat16: about 2x faster on CPUs with bf16."),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Save the lens here (default TZOO_TUNED_LENS_DIR/MODEL).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 50,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in OUT/checkpoints.")
+    ] = False,
+) -> None:
+    """Train a tuned lens on text sampled from the model, save it, and print held-out KL
+    per layer against the logit lens. Exit 0 only when the tuned lens is better at every
+    layer."""
+    from tzoo.analyses.lens import Readout
+    from tzoo.analyses.tuned_lens import default_lens_dir
+    from tzoo.runtime.manager import ModelManager
+
+    settings = _settings()
+    try:
+        with (
+            _model_errors(),
+            ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as h,
+        ):
+            Readout.of(h)  # a decoder with an unembedding, before any sampling
+            directory = out or default_lens_dir(h.name, settings)
+            train, heldout_docs = _lens_corpus(h, docs, tokens_per_doc, seed, heldout, shipped)
+            lens = _train_lens_with_bar(
+                h,
+                train,
+                steps=steps,
+                lr=lr,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                seed=seed,
+                bf16=bf16,
+                checkpoint_dir=directory / "checkpoints",
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+            )
+            with console.status("Evaluating on the held-out text…"):
+                rows = _heldout_rows(h, lens, heldout_docs, seq_len, batch_size)
+            lens.training_stats["heldout"] = rows
+            lens.save(directory)
+    except ValueError as exc:
+        err_console.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    _print_lens_table(rows, len(heldout_docs))
+    console.print(f"Saved the tuned lens to {directory}")
+    worse = [str(row["layer"]) for row in rows if not row["improved"]]
+    if worse:
+        err_console.print(
+            f"[red]The tuned lens did not lower held-out KL at layer(s) {', '.join(worse)};[/red]"
+            " train longer (--steps) or on more text (--docs)."
+        )
+        raise typer.Exit(1)
+
+
+def _lens_corpus(
+    handle: Any, docs: int, tokens_per_doc: int, seed: int, heldout: float, shipped: bool
+) -> tuple[list[str], list[str]]:
+    from tzoo.analyses.corpus import build_corpus, shipped_corpus, split_corpus
+
+    with console.status(f"Sampling {docs} documents from {handle.name} (seed {seed})…") as s:
+        corpus = build_corpus(
+            handle,
+            n_docs=docs,
+            tokens_per_doc=tokens_per_doc,
+            seed=seed,
+            progress=lambda done, total: s.update(f"Sampled {done}/{total} documents…"),
+        )
+    if shipped:
+        corpus += shipped_corpus()
+    return split_corpus(corpus, heldout, seed)
+
+
+def _train_lens_with_bar(handle: Any, train: list[str], *, bf16: bool, **options: Any) -> Any:
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from tzoo.analyses.tuned_lens import train_tuned_lens
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("KL {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("Training", total=options["steps"], loss="…")
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, loss=f"{loss:.3f}")
+
+        return train_tuned_lens(
+            handle,
+            train,
+            readout_dtype=torch.bfloat16 if bf16 else None,
+            progress=progress,
+            **options,
+        )
+
+
+def _heldout_rows(
+    handle: Any, lens: Any, heldout: list[str], seq_len: int, batch_size: int
+) -> list[dict[str, Any]]:
+    from tzoo.analyses.tuned_lens import evaluate_kl, kl_table
+
+    logit = evaluate_kl(handle, None, heldout, seq_len=seq_len, batch_size=batch_size)
+    tuned = evaluate_kl(handle, lens, heldout, seq_len=seq_len, batch_size=batch_size)
+    return kl_table(logit, tuned)
+
+
+def _print_lens_table(rows: list[dict[str, Any]], n_docs: int) -> None:
+    table = Table(
+        "layer",
+        "logit lens",
+        "tuned lens",
+        "improved",
+        title=f"Held-out KL to the final distribution (nats, {n_docs} documents)",
+        caption="layer 0: the embeddings; layer l: the residual stream after l blocks",
+    )
+    for row in rows:
+        mark = "[green]yes[/green]" if row["improved"] else "[red]no[/red]"
+        table.add_row(str(row["layer"]), f"{row['logit_kl']:.3f}", f"{row['tuned_kl']:.3f}", mark)
+    console.print(table)
 
 
 @app.command()

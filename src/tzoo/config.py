@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level of the server and CLI."
     )
+    tuned_lens_dir: Path | None = Field(
+        None,
+        description="Where `tzoo lens train` saves tuned lenses (one folder per model) and "
+        "where tzoo.tuned_lens looks for them; empty: cache_dir/lenses.",
+    )
 
     @field_validator("preload", "allowed_origins", mode="before")
     @classmethod
