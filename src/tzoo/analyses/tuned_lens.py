@@ -307,7 +307,7 @@ def train_tuned_lens(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr)
         ids = windows[batch_of(step, batch_size)].to(device)
-        losses.append(_train_step(handle, lens, optimizer, ids, logits_of))
+        losses.append(_train_step(handle, lens, optimizer, ids, logits_of, readout.chunk_rows))
         if progress is not None:
             progress(step + 1, steps, losses[-1])
         done = step + 1
@@ -333,18 +333,25 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     ids: Tensor,
     logits_of: Callable[[Tensor], Tensor],
+    rows: int,
 ) -> float:
-    """One optimizer step on one batch (B, T); the loss, mean KL over layers 0..L-1."""
-    stack = residual_stack(handle, ids).flatten(1, 2)  # (L + 1, B*T, d), no grad
+    """One optimizer step on one batch (B, T); the loss, mean KL over layers 0..L-1.
+    Gradients are accumulated ``rows`` positions at a time, layer by layer, so only one
+    (rows, V) graph is alive at once."""
+    stack = residual_stack(handle, ids).flatten(1, 2)  # (L + 1, N = B*T, d), no grad
+    n = stack.shape[1]
+    spans = [(start, min(start + rows, n)) for start in range(0, n, rows)]
     with torch.no_grad():
-        log_p = torch.log_softmax(logits_of(stack[-1]), dim=-1)  # (B*T, V)
+        targets = [torch.log_softmax(logits_of(stack[-1, s:e]), dim=-1) for s, e in spans]
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for layer in range(lens.n_layers):
-        log_q = torch.log_softmax(logits_of(lens(stack[layer], layer)), dim=-1)
-        loss = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-        loss.backward()  # layer by layer: one (B*T, V) graph alive at a time
-        total += float(loss.detach())
+        for (start, end), log_p in zip(spans, targets, strict=True):
+            translated = lens(stack[layer, start:end], layer)
+            log_q = torch.log_softmax(logits_of(translated), dim=-1)  # (rows, V)
+            kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum")
+            (kl / n).backward()
+            total += float(kl.detach()) / n
     optimizer.step()
     return total / lens.n_layers
 
