@@ -147,6 +147,77 @@ class Settings(BaseSettings):
         "where tzoo.tuned_lens looks for them; empty: cache_dir/lenses.",
     )
 
+    # -- the lens service (REFERENCE-SYSTEMS section 5; the same names, with TZOO_) --------
+    model_groups_file: Path | None = Field(
+        None,
+        description="JSON file of model groups (a base model plus its lenses) for the lens "
+        "service; empty: the bundled groups (tzoo/data/model_groups.json).",
+    )
+    default_group: str | None = Field(
+        None,
+        description="Model group used when a lens request names none; empty: the groups "
+        "file's default_group, else none (requests must name a group).",
+    )
+    lazy_load_model: bool = Field(
+        True,
+        description="Load a group's model on its first request; false: load the default "
+        "group's model at start-up (/ready waits for it).",
+    )
+    api_key: str | None = Field(
+        None,
+        description="Key the lens service asks for (Authorization: Bearer KEY; ?api_key= on "
+        "the WebSocket) on /analyze, /status, /ws, /api/v2, /api/gpu_stats and /metrics; "
+        "empty: no key.",
+    )
+    max_queue_size: int = Field(
+        100, ge=1, description="Most lens requests waiting in the queue; more are refused (503)."
+    )
+    max_text_length: int = Field(
+        20000, ge=1, description="Longest text (characters) a lens request may send (413)."
+    )
+    request_timeout: float = Field(
+        300,
+        gt=0,
+        description="Seconds a lens request may take, queued and running; a running "
+        "verbalisation then stops between batches and returns what it has.",
+    )
+    rate_limit_per_minute: int = Field(
+        60,
+        ge=0,
+        description="Lens requests one client (IP address) may submit per minute; more get "
+        "429 with Retry-After. 0: no limit.",
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Positions a verbalisation decodes together in one batch."
+    )
+    dynamic_batching: bool = Field(
+        True,
+        description="Run queued lens requests for the same group and analysis together in "
+        "one padded forward pass.",
+    )
+    auto_batch_size_max: int = Field(
+        16, ge=1, description="Most queued requests one dynamic batch takes."
+    )
+    lens_batch_max_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Most padded tokens (requests x longest) in one dynamic batch; bounds "
+        "its memory.",
+    )
+    num_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Lens jobs run at once (on different groups; one group's model runs one "
+        "job or batch at a time).",
+    )
+    job_retention_seconds: int = Field(
+        3600,
+        ge=1,
+        description="How long a finished lens request's result stays readable at "
+        "/status/{request_id}.",
+    )
+
     @field_validator("preload", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

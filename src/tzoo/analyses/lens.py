@@ -20,6 +20,7 @@ to its top-k, KL to the final distribution, entropy and the final token's rank.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +45,7 @@ Tensor = torch.Tensor
 LensKind = Literal["logit", "tuned"]
 DEFAULT_MAX_TOKENS = 1024
 LIMIT_SOURCE = "the lens's default; pass max_tokens for more"
+LENS_RESULT_VERSION = 1
 # Elements of the (rows, V) arrays projected at once: 24 MiB of float32. Staying below
 # glibc's 32 MiB mmap threshold matters: larger blocks are mapped and unmapped on every
 # allocation, and the page faults cost a third of the time on CPU.
@@ -91,6 +93,29 @@ class LensResult:
         """(T,) the model's most probable next token at each position."""
         return self.top_ids[-1, :, 0]
 
+    def to_dict(self, decimals: int = 5) -> dict[str, Any]:
+        """JSON-safe: arrays as nested lists (layers, positions[, k]), floats rounded to
+        ``decimals`` places (the page and API need no more; it halves the payload)."""
+
+        def floats(a: np.ndarray) -> Any:
+            return np.round(a.astype(np.float64), decimals).tolist()
+
+        return {
+            "version": LENS_RESULT_VERSION,
+            "model": self.model_name,
+            "lens": self.lens,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "layers": self.layers,
+            "top_ids": self.top_ids.tolist(),
+            "top_probs": floats(self.top_probs),
+            "token_strings": {str(i): s for i, s in self.token_strings.items()},
+            "kl_to_final": floats(self.kl_to_final),
+            "entropy": floats(self.entropy),
+            "final_token_rank": self.final_token_rank.tolist(),
+            "final_probability": floats(self.final_probability),
+        }
+
     def top_tokens(self, layer: int, position: int) -> list[tuple[str, float]]:
         """The top-k (token, probability) pairs at ``layer`` and ``position`` (negative
         indices count from the end)."""
@@ -122,25 +147,71 @@ def logit_lens(
         raise ValueError(f"k must be at least 1; got {k}.")
     if not text or not text.strip():
         raise EmptyInputError("The text is empty; give the model something to read.")
+    return logit_lens_batch(model, [text], k=k, max_tokens=max_tokens, lens=lens)[0]
+
+
+def logit_lens_batch(
+    model: ModelHandle | str,
+    texts: Sequence[str],
+    *,
+    k: int = 5,
+    max_tokens: int | None = None,
+    lens: TunedLens | None = None,
+) -> list[LensResult]:
+    """``logit_lens`` of several texts in one padded forward pass, one result per text
+    (what the job queue's dynamic batching runs). Padding goes on the right, so causal
+    attention never lets a text see another's padding: each result matches its own
+    ``logit_lens`` up to float rounding. The first empty or too long text raises."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}.")
+    if not texts:
+        return []
+    for text in texts:
+        if not text or not text.strip():
+            raise EmptyInputError("The text is empty; give the model something to read.")
     with _held(model) as handle:
         readout = Readout.of(handle)
         if lens is not None:
             lens.check_compatible(handle)
-        ids = _encode(handle, text, max_tokens)
-        stack = residual_stack(handle, torch.tensor([ids]))[:, 0]  # (L + 1, T, d)
-        arrays = _lens_arrays(readout, stack, lens, min(k, readout.vocab_size))
+        encoded = [_encode(handle, text, max_tokens) for text in texts]
+        lengths = [len(ids) for ids in encoded]
+        width = max(lengths)
+        input_ids = torch.zeros((len(texts), width), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        stack = residual_stack(handle, input_ids, mask)  # (L + 1, B, T, d)
+        # Only real positions are projected: (L + 1, sum of lengths, d).
+        flat = torch.cat([stack[:, row, :n] for row, n in enumerate(lengths)], dim=1)
+        arrays = _lens_arrays(readout, flat, lens, min(k, readout.vocab_size))
         tokenizer = handle.tokenizer
-    seen = sorted({int(i) for i in np.unique(arrays["top_ids"])})
-    return LensResult(
-        model_name=handle.name,
-        text=text,
-        tokens=display_tokens(tokenizer, ids),
-        token_ids=ids,
-        lens="logit" if lens is None else "tuned",
-        layers=list(range(stack.shape[0])),
-        token_strings=dict(zip(seen, display_tokens(tokenizer, seen), strict=True)),
-        **arrays,
-    )
+    results = []
+    bounds = np.cumsum([0, *lengths])
+    for text, ids, start, end in zip(texts, encoded, bounds[:-1], bounds[1:], strict=True):
+        own = {name: array[:, start:end] for name, array in arrays.items()}
+        seen = sorted({int(i) for i in np.unique(own["top_ids"])})
+        results.append(
+            LensResult(
+                model_name=handle.name,
+                text=text,
+                tokens=display_tokens(tokenizer, ids),
+                token_ids=ids,
+                lens="logit" if lens is None else "tuned",
+                layers=list(range(flat.shape[0])),
+                token_strings=dict(zip(seen, display_tokens(tokenizer, seen), strict=True)),
+                **own,
+            )
+        )
+    return results
+
+
+def count_tokens(handle: ModelHandle, text: str, max_tokens: int | None = None) -> int:
+    """How many tokens ``text`` is for the lens; EmptyInputError or InputTooLongError as
+    ``logit_lens`` would raise them (the job queue checks each request before batching)."""
+    if not text or not text.strip():
+        raise EmptyInputError("The text is empty; give the model something to read.")
+    return len(_encode(handle, text, max_tokens))
 
 
 def tuned_lens(
@@ -212,15 +283,19 @@ class Readout:
         return self.unembed(normed).float()
 
 
-def residual_stack(handle: ModelHandle, input_ids: Tensor) -> Tensor:
+def residual_stack(
+    handle: ModelHandle, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> Tensor:
     """``(L + 1, batch, T, d)``: the unnormed residual stream of ``input_ids`` (batch, T),
     from one forward pass under no_grad (the model's own head runs on the last position
-    only, where the model allows it: the lens computes every position's logits itself)."""
+    only, where the model allows it: the lens computes every position's logits itself).
+    ``attention_mask``: 0 marks right padding (default: none)."""
     model = handle.model
     extra: dict[str, Any] = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
     _, cache = run_with_cache(
         handle,
         inputs,
@@ -255,24 +330,48 @@ def _lens_arrays(
     readout: Readout, stack: Tensor, lens: TunedLens | None, k: int
 ) -> dict[str, np.ndarray]:
     """Top-k, KL to the final layer, entropy and the final token's rank for every layer of
-    ``stack`` (L + 1, T, d). Positions go in chunks, so that only a few (rows, V) arrays
-    live at once: the final distribution, computed once per chunk, and one layer's."""
+    ``stack`` (L + 1, T, d).
+
+    About ``chunk_rows`` (layer, position) rows are projected per matrix product, so only
+    a few (rows, V) arrays live at once. Positions go in chunks of up to ``chunk_rows``;
+    when a chunk is short, several layers share one product: a product of a few rows
+    reads the whole unembedding for little work (memory-bound), so a 10-token text would
+    otherwise pay for 31 full reads of it."""
+    n_layers, n_positions = stack.shape[0], stack.shape[1]
+    budget = readout.chunk_rows
     chunks = []
-    for start in range(0, stack.shape[1], readout.chunk_rows):
-        part = stack[:, start : start + readout.chunk_rows]  # (L + 1, rows, d)
-        final = _Final.of(torch.log_softmax(readout.logits(part[-1]), dim=-1))
-        layers = [
-            # The last layer is the model's output (a tuned lens leaves it as it is).
-            _reduce(
-                final.log_p if layer == len(part) - 1 else _log_q(readout, lens, h, layer), final, k
-            )
-            for layer, h in enumerate(part)
-        ]
-        chunks.append({name: torch.stack([s[name] for s in layers]) for name in layers[0]})
+    for start in range(0, n_positions, budget):
+        part = stack[:, start : start + budget]  # (L + 1, P, d)
+        final = _Final.of(torch.log_softmax(readout.logits(part[-1]), dim=-1))  # (P, V)
+        group = max(1, budget // part.shape[1])  # layers per product
+        pieces = []
+        for first in range(0, n_layers, group):
+            layers = range(first, min(first + group, n_layers))
+            log_q = _log_q_layers(readout, lens, part, layers, final)  # (g, P, V)
+            pieces.append(_reduce(log_q, final, k))
+        chunks.append({name: torch.cat([p[name] for p in pieces]) for name in pieces[0]})
     return {
         name: torch.cat([chunk[name] for chunk in chunks], dim=1).cpu().numpy()
         for name in chunks[0]
     }
+
+
+def _log_q_layers(
+    readout: Readout, lens: TunedLens | None, part: Tensor, layers: range, final: _Final
+) -> Tensor:
+    """(g, P, V) log-probabilities of ``layers`` of ``part`` (L + 1, P, d), in one product.
+    The last layer is the model's own output (a tuned lens leaves it as it is)."""
+    last = part.shape[0] - 1
+    if layers.start == last:
+        return final.log_p.unsqueeze(0)
+    own = [layer for layer in layers if layer != last]
+    h = part[own[0] : own[-1] + 1]
+    if lens is not None:
+        h = torch.stack([lens(h[i], layer) for i, layer in enumerate(own)])
+    log_q = torch.log_softmax(readout.logits(h), dim=-1)
+    if layers.stop - 1 == last:
+        log_q = torch.cat([log_q, final.log_p.unsqueeze(0)])
+    return log_q
 
 
 @torch.no_grad()
@@ -311,11 +410,12 @@ class _Final:
 
 
 def _reduce(log_q: Tensor, final: _Final, k: int) -> dict[str, Tensor]:
-    """The statistics of one layer's log-probabilities ``log_q`` (rows, V). Each is one
-    pass over (rows, V): the KL is sum p log p - sum p log q, with the first sum shared by
-    all layers (exactly 0 at the last layer, where log_q is log_p)."""
+    """The statistics of log-probabilities ``log_q`` (..., P, V), each layer's against the
+    final distribution at the same P positions. Each is one pass over ``log_q``: the KL
+    is sum p log p - sum p log q, with the first sum shared by all layers (exactly 0 at
+    the last layer, where log_q is log_p)."""
     top = log_q.topk(k, dim=-1)
-    final_log_q = log_q.gather(-1, final.ids)  # (rows, 1)
+    final_log_q = log_q.gather(-1, final.ids.expand(*log_q.shape[:-1], 1))  # (..., P, 1)
     kl = final.sum_p_log_p - torch.linalg.vecdot(final.p, log_q)
     return {
         "top_ids": top.indices.long(),

@@ -181,6 +181,7 @@ def verbalize(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_rows: Callable[[list[VerbalizeRow]], None] | None = None,
     max_tokens: int | None = None,
 ) -> VerbalizeResult:
     """Explain in words what the residual stream of ``text`` holds after block ``layer``,
@@ -190,7 +191,10 @@ def verbalize(
     forward pass on the shared model). ``target_layer``: where the vector is written in
     the identity prompt (default: ``layer``). ``positions``: token positions of ``text``
     (negative ones count from the end; default: all), rows come in this order, repeats
-    dropped. The identity prompt's last token is the placeholder.
+    dropped. The identity prompt's last token is the placeholder. ``progress(done,
+    total)`` and ``on_rows(rows)`` are called after every batch (``on_rows`` with that
+    batch's rows, for streaming); ``should_stop()`` is asked before each batch, and a true
+    answer returns the rows so far with ``complete=False``.
 
     Errors (all ValueError): EmptyInputError for empty text, InputTooLongError past
     ``max_tokens`` (default: the ``attention_max_tokens`` setting) or the model's context,
@@ -231,7 +235,10 @@ def verbalize(
                 break
             batch = slice(start, start + batch_size)
             runs = _patched_runs(handle, prompt, target, source.residual[batch], max_new_tokens)
-            result.rows += _rows(handle, source, batch, runs, chosen[batch], tokens)
+            rows = _rows(handle, source, batch, runs, chosen[batch], tokens)
+            result.rows += rows
+            if on_rows is not None:
+                on_rows(rows)
             if progress is not None:
                 progress(len(result.rows), len(chosen))
     return result

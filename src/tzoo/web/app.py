@@ -17,6 +17,10 @@ from fastapi.templating import Jinja2Templates
 from tzoo import __version__
 from tzoo.config import Settings, get_settings
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.lens_jobs import JobQueue
+from tzoo.service.metrics import ServiceMetrics
+from tzoo.service.model_groups import ModelGroups
+from tzoo.service.rate_limit import RateLimitedError, RateLimiter
 from tzoo.service.result_cache import make_result_cache
 from tzoo.service.wheel import SessionStore
 from tzoo.store.db import create_engine_for, run_migrations, session_factory
@@ -24,7 +28,16 @@ from tzoo.web.deps import template_context
 from tzoo.web.errors import install_error_handlers
 from tzoo.web.preload import Preloader
 from tzoo.web.routes import annotations as annotation_routes
-from tzoo.web.routes import auth, docs, health, models, pages, visualizations, wheel
+from tzoo.web.routes import (
+    auth,
+    docs,
+    health,
+    lens_service,
+    models,
+    pages,
+    visualizations,
+    wheel,
+)
 from tzoo.web.security import CsrfCookieMiddleware, LoginLimiter
 
 WEB_DIR = Path(str(files("tzoo.web")))
@@ -41,7 +54,9 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         run_migrations(app.state.engine)
         app.state.preloader.start()
         cleanup = asyncio.create_task(app.state.wheel_sessions.run_cleanup_loop())
+        await app.state.lens_queue.start()
         yield
+        await app.state.lens_queue.stop()
         cleanup.cancel()
         with suppress(asyncio.CancelledError):
             await cleanup
@@ -61,7 +76,22 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     app.state.manager = manager
     app.state.engine = create_engine_for(settings.sqlalchemy_url)
     app.state.session_factory = session_factory(app.state.engine)
-    app.state.preloader = Preloader(manager, list(settings.preload))
+    # A malformed groups file stops the start here, with the file and the fault named.
+    app.state.model_groups = groups = ModelGroups(settings, manager)
+    preload = list(settings.preload)
+    if not settings.lazy_load_model and groups.current is not None:
+        model = groups.resolve(None).model
+        preload += [] if model in preload else [model]
+    app.state.preloader = Preloader(manager, preload)
+    app.state.metrics = ServiceMetrics()
+    app.state.lens_queue = JobQueue(
+        settings,
+        manager,
+        groups,
+        app.state.metrics,
+        describe_error=lens_service.describe_error,
+    )
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.result_cache = make_result_cache(settings)
     app.state.wheel_sessions = SessionStore(settings, manager)
     app.state.templates = Jinja2Templates(
@@ -81,10 +111,17 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     # Sends the anonymous CSRF cookie minted while a page rendered (see web/security.py).
     app.add_middleware(CsrfCookieMiddleware, settings=settings)
     install_error_handlers(app)
+    app.add_exception_handler(RateLimitedError, lens_service.rate_limit_response)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
     # annotation_routes: the name `annotations` is taken by `from __future__ import annotations`.
     for module in (health, models, docs, pages, auth, annotation_routes, visualizations, wheel):
         app.include_router(module.router)
-    for extra in (visualizations.pages, wheel.replays, wheel.pages):
+    for extra in (
+        visualizations.pages,
+        wheel.replays,
+        wheel.pages,
+        lens_service.router,
+        lens_service.sockets,
+    ):
         app.include_router(extra)
     return app

@@ -7,6 +7,9 @@ from fastapi.responses import JSONResponse
 from loguru import logger
 
 from tzoo.analyses.attention import EmptyInputError, InputTooLongError
+from tzoo.analyses.lens import LensUnsupportedError
+from tzoo.analyses.tuned_lens import LensMismatchError
+from tzoo.analyses.verbalize import NotADecoderError
 from tzoo.runtime.errors import (
     DeviceError,
     ModelError,
@@ -17,7 +20,18 @@ from tzoo.runtime.errors import (
     UnsupportedArchitectureError,
 )
 from tzoo.runtime.manager import ModelBusyError
+from tzoo.service.lens_jobs import (
+    QueueFullError,
+    RequestNotFoundError,
+    RequestTimeoutError,
+    TextTooLongError,
+)
+from tzoo.service.model_groups import NoGroupError, TunedLensMissingError, UnknownGroupError
+from tzoo.service.rate_limit import RateLimitedError
 from tzoo.service.wheel import ContextTooLongError, SessionNotFoundError, TooManySessionsError
+
+# Seconds a client is told to wait when the lens queue is full.
+QUEUE_FULL_RETRY_AFTER = 5
 
 # Most specific first: the first matching class decides the status.
 STATUS_OF: list[tuple[type[Exception], int]] = [
@@ -33,6 +47,17 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (SessionNotFoundError, 404),
     (TooManySessionsError, 429),
     (ContextTooLongError, 413),
+    (QueueFullError, 503),
+    (RateLimitedError, 429),
+    (RequestNotFoundError, 404),
+    (RequestTimeoutError, 504),
+    (TextTooLongError, 413),
+    (UnknownGroupError, 404),
+    (NoGroupError, 422),
+    (TunedLensMissingError, 409),
+    (LensUnsupportedError, 422),
+    (LensMismatchError, 422),
+    (NotADecoderError, 422),
 ]
 USER_ERRORS: tuple[type[Exception], ...] = (
     ModelError,
@@ -41,6 +66,15 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     SessionNotFoundError,
     TooManySessionsError,
     ContextTooLongError,
+    QueueFullError,
+    RequestNotFoundError,
+    TextTooLongError,
+    UnknownGroupError,
+    NoGroupError,
+    TunedLensMissingError,
+    LensUnsupportedError,
+    LensMismatchError,
+    NotADecoderError,
 )
 
 
@@ -54,7 +88,7 @@ def status_for(exc: Exception) -> int:
 def error_body(exc: Exception) -> dict[str, object]:
     message = exc.message if isinstance(exc, ModelError) else str(exc)
     body: dict[str, object] = {"detail": message, "error": type(exc).__name__}
-    if isinstance(exc, UnknownModelError):
+    if isinstance(exc, UnknownModelError | UnknownGroupError):
         body["known"] = exc.known
     if isinstance(exc, ModelTooLargeError):
         body.update(size_bytes=exc.size_bytes, limit_bytes=exc.limit_bytes, limit=exc.limit_name)
@@ -63,7 +97,12 @@ def error_body(exc: Exception) -> dict[str, object]:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def _user_error(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=status_for(exc))
+        headers = (
+            {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}
+            if isinstance(exc, QueueFullError)
+            else None
+        )
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
 
     for cls in USER_ERRORS:
         app.add_exception_handler(cls, _user_error)
