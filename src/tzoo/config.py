@@ -217,6 +217,12 @@ class Settings(BaseSettings):
         description="How long a finished lens request's result stays readable at "
         "/status/{request_id}.",
     )
+    job_results_max_mb: float = Field(
+        256,
+        gt=0,
+        description="Most memory (MiB of JSON) the kept results of finished lens requests "
+        "take together; the oldest are forgotten first.",
+    )
 
     @field_validator("preload", "allowed_origins", mode="before")
     @classmethod

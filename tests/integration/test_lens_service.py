@@ -560,3 +560,13 @@ def test_gpu_stats_and_metrics(client: TestClient) -> None:
     assert _metric(text, "tzoo_models_loaded") == 1
     assert _metric(text, "tzoo_lens_queue_size") == 0
     assert _metric(text, 'tzoo_lens_request_seconds_count{analysis="logit_lens"}') == 1
+
+
+def test_old_results_are_forgotten_past_the_memory_budget(client: TestClient) -> None:
+    first = wait_for(client, analyze(client)["request_id"])
+    size = len(json.dumps(first["result"]))
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings.job_results_max_mb = 1.5 * size / 2**20  # room for one result, not two
+    second = wait_for(client, analyze(client, text="Another text.")["request_id"])
+    assert client.get(f"/status/{first['request_id']}").status_code == 404
+    assert client.get(f"/status/{second['request_id']}").json()["status"] == "completed"

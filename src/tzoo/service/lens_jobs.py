@@ -445,6 +445,7 @@ class JobQueue:
             error = outcome.error or RequestTimeoutError("The request failed.")
             job.error = self.describe_error(error)
             self._emit(job, {"type": "error", **base, **job.error}, job.result_json)
+        self.prune()
         self.metrics.requests.labels(job.analysis, str(job.status)).inc()
         self.metrics.latency.labels(job.analysis).observe(job.elapsed)
 
@@ -467,19 +468,24 @@ class JobQueue:
             self.prune()
 
     def prune(self) -> int:
-        """Forget finished requests older than the retention, and past MAX_RETAINED."""
+        """Forget finished requests older than the retention, past MAX_RETAINED, or past
+        ``job_results_max_mb`` of kept results, oldest first."""
         now = time.monotonic()
         finished = sorted(
             (j for j in self._jobs.values() if j.done and j.finished is not None),
             key=lambda j: j.finished or 0.0,
         )
-        too_many = len(finished) - MAX_RETAINED
+        budget = self.settings.job_results_max_mb * 2**20
+        kept_bytes = sum(len(j.result_json or "") for j in finished)
         dropped = 0
         for index, job in enumerate(finished):
             expired = now - (job.finished or now) > self.settings.job_retention_seconds
-            if expired or index < too_many:
-                del self._jobs[job.id]
-                dropped += 1
+            too_many = len(finished) - index > MAX_RETAINED
+            if not (expired or too_many or kept_bytes > budget):
+                break  # the rest are newer
+            kept_bytes -= len(job.result_json or "")
+            del self._jobs[job.id]
+            dropped += 1
         return dropped
 
     # -- running (on a worker thread) ------------------------------------------------------
