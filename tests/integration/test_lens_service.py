@@ -257,7 +257,7 @@ def test_websocket_session_with_queue_updates_progress_completion_and_cancel(
                 queued = receive_until(ws, "queued")[-1]
                 assert queued["client_request_id"] == tag
                 ids.append(queued["request_id"])
-            # "a" went to the worker (progress: loading); "b" and "c" wait at 1 and 2.
+            # "a" went to the worker (running); "b" and "c" wait at 1 and 2.
             ws.send_json({"type": "status"})
             overview = receive_until(ws, "status")[-1]
             positions = {r["request_id"]: r["position"] for r in overview["requests"]}
@@ -342,9 +342,12 @@ def test_websocket_errors_say_what_was_wrong(make_client: Any) -> None:
         }
         ws.send_json({"type": "generate"})
         assert "Unknown message type 'generate'" in ws.receive_json()["message"]
-        ws.send_json({"type": "analyze", "text": "hi", "analysis": "nope"})
+        ws.send_json(
+            {"type": "analyze", "text": "hi", "analysis": "nope", "client_request_id": "t1"}
+        )
         error = ws.receive_json()
         assert error["status"] == 400 and error["message"].startswith("analysis: Input should be")
+        assert error["request_id"] is None and error["client_request_id"] == "t1"
         ws.send_json(
             {
                 "type": "analyze",

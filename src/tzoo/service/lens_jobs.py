@@ -420,7 +420,9 @@ class JobQueue:
             job.status = JobStatus.RUNNING
             job.started = time.monotonic()
             job.last_position = 0
-            job.progress = {"stage": "loading", "done": 0, "total": 1}
+            # "loading" only when the model really has to load; else it starts at once.
+            stage = "running" if self.manager.is_loaded(job.group.model) else "loading"
+            job.progress = {"stage": stage, "done": 0, "total": 1}
             self._emit(job, {"type": "progress", "request_id": job.id, **job.progress})
         self._publish_positions()
         return batch
@@ -535,7 +537,11 @@ class JobQueue:
                 continue
             for job, result in zip(chunk, results, strict=True):
                 job.progress = {"stage": "running", "done": 1, "total": 1}
-                payload = {"analysis": job.analysis, "model_group": job.group.name}
+                payload = {
+                    "analysis": job.analysis,
+                    "model_group": job.group.name,
+                    "k": job.options.k,
+                }
                 payload |= result.to_dict()
                 status = JobStatus.CANCELLED if job.stop_reason == "cancel" else JobStatus.COMPLETED
                 outcomes.append(

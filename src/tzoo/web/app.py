@@ -32,6 +32,7 @@ from tzoo.web.routes import (
     auth,
     docs,
     health,
+    lens_pages,
     lens_service,
     models,
     pages,
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         wheel.pages,
         lens_service.router,
         lens_service.sockets,
+        lens_pages.router,
     ):
         app.include_router(extra)
     return app

@@ -30,7 +30,7 @@ TOOLS: list[Tool] = [
         "lenses",
         "Lenses and activations in words",
         "Logit lens, tuned lens and Patchscope explanations for every layer and token.",
-        None,
+        "/lens",
     ),
     Tool(
         "circuits",

@@ -331,14 +331,17 @@ class _Connection:
             )
             return
         request_id = data.get("request_id") if isinstance(data.get("request_id"), str) else None
+        # A refused analyze has no request id yet: echo the client's own tag instead.
+        tag = data.get("client_request_id")
+        extra = {"client_request_id": tag} if isinstance(tag, str) else {}
         try:
             await handler(data)
         except ValidationError as exc:
-            self.error(_BadMessage(_validation_sentence(exc)), request_id)
+            self.error(_BadMessage(_validation_sentence(exc)), request_id, **extra)
         except RateLimitedError as exc:
-            self.error(exc, request_id, retry_after=exc.retry_after)
+            self.error(exc, request_id, retry_after=exc.retry_after, **extra)
         except Exception as exc:
-            self.error(exc, request_id)
+            self.error(exc, request_id, **extra)
 
     async def _on_analyze(self, data: dict[str, Any]) -> None:
         body = AnalyzeRequest.model_validate({k: v for k, v in data.items() if k != "type"})
