@@ -198,6 +198,14 @@ class Settings(BaseSettings):
     auto_batch_size_max: int = Field(
         16, ge=1, description="Most queued requests one dynamic batch takes."
     )
+    batch_wait_ms: float = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="With dynamic batching, how long a worker waits for more requests "
+        "before running a batch that is not full (clients answered by the last batch send "
+        "their next request in this time).",
+    )
     lens_batch_max_tokens: int = Field(
         8192,
         ge=1,

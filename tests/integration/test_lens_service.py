@@ -284,9 +284,9 @@ def test_websocket_session_with_queue_updates_progress_completion_and_cancel(
 
 
 def test_websocket_interrupt_and_cancel_of_a_running_request(client: TestClient) -> None:
-    """Both stop a running verbalisation before its next batch: interrupt answers
-    ``completed`` (status interrupted), cancel ``request_cancelled``; each carries the
-    partial result (here no rows: the stop came before the first batch)."""
+    """Both stop a running verbalisation: interrupt answers ``completed`` (status
+    interrupted) with the partial result (no rows here: the stop came before the first
+    batch); cancel answers ``request_cancelled`` (no result: it never got to compute)."""
     verbalize = {"type": "analyze", "text": TEXT, "analysis": "verbalize", "model_group": GROUP}
     with client.websocket_connect("/ws") as ws:
         ws.receive_json()
@@ -296,11 +296,16 @@ def test_websocket_interrupt_and_cancel_of_a_running_request(client: TestClient)
                 request_id = receive_until(ws, "queued")[-1]["request_id"]
                 receive_until(ws, "progress", request_id)  # taken by the worker: running
                 ws.send_json({"type": stop, "request_id": request_id})
+                # Messages are handled in order: once this answers, the stop is registered.
+                ws.send_json({"type": "status", "request_id": request_id})
+                assert receive_until(ws, "status")[-1]["status"] == "running"
             message = receive_until(ws, answer, request_id)[-1]
-            assert message["result"]["complete"] is False and message["result"]["rows"] == []
-            assert len(message["result"]["tokens"]) > 0
             if answer == "completed":
                 assert message["status"] == "interrupted"
+                assert message["result"]["complete"] is False and message["result"]["rows"] == []
+                assert len(message["result"]["tokens"]) > 0
+            else:
+                assert message["result"] is None
         # A request that is not running any more: cancelling it changes nothing.
         ws.send_json({"type": "cancel_request", "request_id": request_id})
         ws.send_json({"type": "status", "request_id": request_id})

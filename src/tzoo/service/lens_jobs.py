@@ -382,6 +382,8 @@ class JobQueue:
     async def _worker(self) -> None:
         assert self._changed is not None and self._loop is not None
         while True:
+            if self._worth_waiting():
+                await asyncio.sleep(self.settings.batch_wait_ms / 1000)
             batch = self._take_batch()
             if not batch:
                 self._changed.clear()
@@ -402,8 +404,23 @@ class JobQueue:
                 self._finish(outcome.job, outcome)
             self._wake()  # a job for this model may be waiting for another worker
 
+    def _worth_waiting(self) -> bool:
+        """Whether the next batch would be a lens batch short of its maximum: then a
+        moment's wait lets requests that are on their way join it."""
+        if not self.settings.dynamic_batching or self.settings.batch_wait_ms <= 0:
+            return False
+        head = self._next_head()
+        if head is None or head.analysis not in LENS_ANALYSES:
+            return False
+        key = head.batch_key()
+        same = sum(1 for job in self._pending if job.batch_key() == key)
+        return same < self.settings.auto_batch_size_max
+
+    def _next_head(self) -> Job | None:
+        return next((j for j in self._pending if j.group.model not in self._busy_models), None)
+
     def _take_batch(self) -> list[Job]:
-        head = next((j for j in self._pending if j.group.model not in self._busy_models), None)
+        head = self._next_head()
         if head is None:
             return []
         batch = [head]
