@@ -1,4 +1,5 @@
-"""The all-layer logit lens against a plain loop, on the same ~128-token text.
+"""The all-layer logit lens against a plain loop, on the same text, short (16 tokens: a
+typical lens-service request) and long (128 tokens).
 
 Ours: ``tzoo.logit_lens`` (one hooked forward pass; every layer's unnormed residual read
 through the final norm and unembedding once, reduced at once to top-5, KL to the final
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: TZOO_CACHE_DIR")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, N_TOKENS])
     args = parser.parse_args()
 
     settings = get_settings()
@@ -92,20 +94,22 @@ def main() -> None:
     handle = ModelManager(settings).get(args.model)
     if handle.family != "llama":
         raise SystemExit("The plain loop is written for llama models (model.model.norm).")
-    text = benchmark_text(handle.tokenizer, N_TOKENS)
-    n_tokens = len(handle.tokenizer(text)["input_ids"])
     readout = Readout.of(handle)
     print(
         f"model: {args.model} on {handle.device} ({handle.dtype}), "
-        f"{readout.n_layers + 1} layers x {n_tokens} tokens x {readout.vocab_size} vocabulary, "
+        f"{readout.n_layers + 1} layers x {readout.vocab_size} vocabulary, "
         f"torch threads {torch.get_num_threads()}"
     )
-
-    ours_s = median_s(lambda: logit_lens(handle, text, k=K), args.repeats)
-    plain_s = median_s(lambda: plain_loop(handle, text), args.repeats)
-    print(f"ours (tzoo.logit_lens):       {ours_s * 1000:8.1f} ms (median of {args.repeats})")
-    print(f"plain output_hidden_states loop: {plain_s * 1000:8.1f} ms (median of {args.repeats})")
-    print(f"ratio plain / ours: {plain_s / ours_s:.2f}x")
+    for length in args.tokens:
+        text = benchmark_text(handle.tokenizer, length)
+        n_tokens = len(handle.tokenizer(text)["input_ids"])
+        ours_s = median_s(lambda text=text: logit_lens(handle, text, k=K), args.repeats)
+        plain_s = median_s(lambda text=text: plain_loop(handle, text), args.repeats)
+        print(
+            f"{n_tokens:4d} tokens: ours {ours_s * 1000:8.1f} ms, plain loop "
+            f"{plain_s * 1000:8.1f} ms (medians of {args.repeats}); "
+            f"ratio plain / ours: {plain_s / ours_s:.2f}x"
+        )
 
     result = logit_lens(handle, text, k=K)
     plain = plain_loop(handle, text)
