@@ -232,6 +232,27 @@ class Settings(BaseSettings):
         "take together; the oldest are forgotten first.",
     )
 
+    # -- circuits -------------------------------------------------------------------------
+    transcoders_dir: Path | None = Field(
+        None,
+        description="Where `tzoo transcoders train` saves transcoders (one folder per model "
+        "and run, in circuit-tracer's format) and where the circuit tools look; empty: "
+        "cache_dir/transcoders.",
+    )
+    autointerp_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint (e.g. https://api.openai.com/v1) that labels "
+        "features; empty: the bundled instruct model labels them locally.",
+    )
+    autointerp_api_key: str | None = Field(
+        None, description="Key for TZOO_AUTOINTERP_URL (sent as a Bearer token)."
+    )
+    autointerp_model: str = Field(
+        "smollm2-135m",
+        description="Model that writes feature labels: a catalogue name when local, the "
+        "endpoint's model name with TZOO_AUTOINTERP_URL.",
+    )
+
     @field_validator("preload", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -1,0 +1,1 @@
+"""Circuits with replacement models: transcoders, attribution graphs, feature labels."""
