@@ -145,6 +145,14 @@ class Job:
         return (self.group.name, self.analysis, self.options)
 
 
+@dataclass(eq=False)
+class _Run:
+    loop: asyncio.AbstractEventLoop
+    changed: asyncio.Event
+    executor: ThreadPoolExecutor
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 @dataclass
 class _Outcome:
     job: Job
@@ -180,10 +188,9 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}
         self._running: set[Job] = set()
         self._busy_models: set[str] = set()
-        self._changed: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._executor: ThreadPoolExecutor | None = None
+        # One run per lifespan that started the queue; nested lifespans of one app (as
+        # tests do) each get their own loop, workers and pool, the innermost serving.
+        self._runs: list[_Run] = []
         metrics.bind(
             queue_size=lambda: len(self._pending),
             running=lambda: len(self._running),
@@ -193,27 +200,39 @@ class JobQueue:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Event()
-        self._executor = ThreadPoolExecutor(self.settings.num_workers, "tzoo-lens")
-        self._tasks = [
-            asyncio.create_task(self._worker(), name=f"tzoo-lens-worker-{i}")
+        loop = asyncio.get_running_loop()
+        run = _Run(
+            loop, asyncio.Event(), ThreadPoolExecutor(self.settings.num_workers, "tzoo-lens")
+        )
+        run.tasks = [
+            asyncio.create_task(self._worker(run), name=f"tzoo-lens-worker-{i}")
             for i in range(self.settings.num_workers)
         ]
-        self._tasks.append(asyncio.create_task(self._janitor(), name="tzoo-lens-janitor"))
+        run.tasks.append(asyncio.create_task(self._janitor(), name="tzoo-lens-janitor"))
+        self._runs.append(run)
 
     async def stop(self) -> None:
-        for job in list(self._running):
-            job.request_stop("cancel")
-        for task in self._tasks:
+        """Stop the run this event loop started; the last one also stops running jobs."""
+        loop = asyncio.get_running_loop()
+        run = next((r for r in self._runs if r.loop is loop), None)
+        if run is None:
+            return
+        self._runs.remove(run)
+        if not self._runs:
+            for job in list(self._running):
+                job.request_stop("cancel")
+        for task in run.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.gather(*run.tasks, return_exceptions=True)
+        run.executor.shutdown(wait=False, cancel_futures=True)
+        if self._runs:  # the outer run serves again: let it look at the queue
+            outer = self._runs[-1]
+            if not outer.loop.is_closed():
+                outer.loop.call_soon_threadsafe(outer.changed.set)
 
     @property
-    def started(self) -> bool:
-        return self._loop is not None
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._runs[-1].loop if self._runs else None
 
     # -- requests --------------------------------------------------------------------------
     def submit(
@@ -375,25 +394,24 @@ class JobQueue:
                 )
 
     def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+        if self._runs:
+            self._runs[-1].changed.set()
 
     # -- workers ---------------------------------------------------------------------------
-    async def _worker(self) -> None:
-        assert self._changed is not None and self._loop is not None
+    async def _worker(self, run: _Run) -> None:
         while True:
             if self._worth_waiting():
                 await asyncio.sleep(self.settings.batch_wait_ms / 1000)
             batch = self._take_batch()
             if not batch:
-                self._changed.clear()
-                await self._changed.wait()
+                run.changed.clear()
+                await run.changed.wait()
                 continue
             model = batch[0].group.model
             self._busy_models.add(model)
             self.metrics.batch_size.observe(len(batch))
             try:
-                outcomes = await self._loop.run_in_executor(self._executor, self._run, batch)
+                outcomes = await run.loop.run_in_executor(run.executor, self._run, batch)
             except Exception as exc:  # the pool itself failed: report, keep serving
                 logger.opt(exception=exc).error("A lens batch failed outside its analysis")
                 outcomes = [_Outcome(job, JobStatus.FAILED, error=exc) for job in batch]
