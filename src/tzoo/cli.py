@@ -497,6 +497,258 @@ def _mask_password(url: str) -> str:
         return url
 
 
+# -- transcoders ------------------------------------------------------------------------------
+
+transcoders_app = typer.Typer(
+    help="Train and list transcoders (saved in circuit-tracer's format).", no_args_is_help=True
+)
+app.add_typer(transcoders_app, name="transcoders")
+EXIT_BAD_INPUT = 2  # a usage error, as click reports its own
+
+
+@transcoders_app.command("train")
+def transcoders_train(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Catalogue name, local directory or hub id.")
+    ] = "smollm2-135m",
+    layers: Annotated[
+        str, typer.Option(help="Model layers to replace: numbers and ranges, e.g. 0-3,7.")
+    ] = "0-1",
+    features: Annotated[int, typer.Option(min=1, help="Features per layer.")] = 2048,
+    tokens: Annotated[int, typer.Option(min=1, help="Training tokens.")] = 100_000,
+    kind: Annotated[
+        str, typer.Option(help="plt (per layer), skip (plus a linear skip) or clt (cross-layer).")
+    ] = "plt",
+    activation: Annotated[str, typer.Option(help="jumprelu or topk.")] = "jumprelu",
+    top_k: Annotated[int, typer.Option(min=1, help="Active features per token (topk).")] = 32,
+    sparsity: Annotated[
+        float, typer.Option(min=0, help="Final lambda of the tanh sparsity penalty (jumprelu).")
+    ] = 3.0,
+    lr: Annotated[float, typer.Option(min=0, help="Adam learning rate before its decay.")] = 2e-3,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per optimizer step.")] = 1024,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window of text.")] = 128,
+    docs: Annotated[int, typer.Option(min=2, help="Documents to sample from the model.")] = 64,
+    tokens_per_doc: Annotated[
+        int, typer.Option("--tokens-per-doc", min=1, help="Tokens sampled per document.")
+    ] = 128,
+    heldout: Annotated[
+        float, typer.Option(min=0.01, max=0.5, help="Fraction of the corpus held out.")
+    ] = 0.1,
+    shipped: Annotated[
+        bool, typer.Option(help="Add the texts shipped with tzoo to the sampled corpus.")
+    ] = True,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the corpus, split, initialisation and batches.")
+    ] = 0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Save here (default TZOO_TRANSCODERS_DIR/MODEL/KIND-ACT-NF-LAYERS)."),
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 50,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in OUT/checkpoints.")
+    ] = False,
+) -> None:
+    """Train transcoders on a model's MLPs over text sampled from it, save them, and print
+    per layer the held-out explained variance, L0 and dead features, and the replacement
+    model's next-token agreement with the real model."""
+    from tzoo.circuits.io import default_transcoders_dir, save_transcoders
+    from tzoo.circuits.training import evaluate_transcoders
+    from tzoo.runtime.manager import ModelManager
+
+    picked = _parse_layers(layers)
+    if kind not in ("plt", "skip", "clt") or activation not in ("jumprelu", "topk"):
+        raise _bad_input("--kind must be plt, skip or clt, and --activation jumprelu or topk.")
+    if kind == "clt" and picked != tuple(range(picked[0], picked[-1] + 1)):
+        raise _bad_input("A cross-layer transcoder needs consecutive layers, e.g. 0-3.")
+    settings = _settings()
+    try:
+        with (
+            _model_errors(),
+            ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as h,
+        ):
+            config = _transcoder_config(h, picked, kind, activation, features, top_k)
+            directory = out or default_transcoders_dir(config, settings)
+            train, heldout_docs = _lens_corpus(h, docs, tokens_per_doc, seed, heldout, shipped)
+            transcoders = _train_transcoders_with_bar(
+                h,
+                config,
+                train,
+                tokens=tokens,
+                batch_tokens=batch_tokens,
+                seq_len=seq_len,
+                lr=lr,
+                sparsity=sparsity,
+                seed=seed,
+                checkpoint_dir=directory / "checkpoints",
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+            )
+            with console.status("Evaluating on the held-out text…"):
+                evaluation = evaluate_transcoders(h, transcoders, heldout_docs, seq_len=seq_len)
+            transcoders.config.training["evaluation"] = evaluation.to_dict()
+            save_transcoders(transcoders.cpu(), directory)
+    except ValueError as exc:
+        err_console.print(f"[red]Error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    _print_transcoder_table(h.name, evaluation, transcoders.config.training)
+    console.print(f"Saved the transcoders to {directory}")
+
+
+def _bad_input(message: str) -> typer.Exit:
+    """Print ``message``; the exit to raise for a bad argument."""
+    err_console.print(f"[red]Error:[/red] {message}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _parse_layers(spec: str) -> tuple[int, ...]:
+    """``"0-3,7"`` -> ``(0, 1, 2, 3, 7)``; a bad spec exits with a sentence."""
+    layers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise _bad_input(f"Bad --layers {spec!r}: use numbers and ranges such as 0-3,7.")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise _bad_input(f"Bad --layers {spec!r}: the range {part} runs backwards.")
+        layers.update(range(low, high + 1))
+    return tuple(sorted(layers))
+
+
+def _transcoder_config(
+    handle: Any, layers: tuple[int, ...], kind: str, activation: str, features: int, top_k: int
+) -> Any:
+    from tzoo.circuits.transcoders import TranscoderConfig, TranscoderConfigError
+
+    if handle.architecture != "decoder":
+        raise _bad_input(f"Transcoders are trained on decoder models; {handle.name} is not one.")
+    if layers[-1] >= handle.n_layers:
+        raise _bad_input(
+            f"{handle.name} has {handle.n_layers} layers (0-{handle.n_layers - 1}); "
+            f"--layers asks for {', '.join(map(str, layers))}."
+        )
+    try:
+        return TranscoderConfig(
+            model_name=handle.name,
+            kind=kind,  # type: ignore[arg-type]
+            d_model=handle.d_model,
+            n_features=features,
+            layers=layers,
+            n_model_layers=handle.n_layers,
+            activation=activation,  # type: ignore[arg-type]
+            top_k=top_k,
+        )
+    except TranscoderConfigError as exc:
+        raise _bad_input(str(exc)) from None
+
+
+def _train_transcoders_with_bar(handle: Any, config: Any, train: list[str], **options: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from tzoo.circuits.training import StepStats, train_transcoders
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  L0 {task.fields[l0]}  dead {task.fields[dead]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("Training", total=None, loss="…", l0="…", dead="…")
+
+        def progress(stats: StepStats) -> None:
+            bar.update(
+                task,
+                total=stats.steps,
+                completed=stats.step,
+                loss=f"{stats.loss:.2f}",
+                l0=f"{stats.mean_l0:.1f}",
+                dead=f"{stats.mean_dead_fraction:.1%}",
+            )
+
+        return train_transcoders(handle, config, train, progress=progress, **options)
+
+
+def _print_transcoder_table(model: str, evaluation: Any, training: dict[str, Any]) -> None:
+    table = Table(
+        "layer",
+        "explained variance",
+        "L0",
+        "dead",
+        "next-token agreement",
+        "KL (nats)",
+        title=f"Transcoders for {model} on held-out text ({evaluation.n_tokens:,} tokens)",
+        caption=f"dead: features silent for the last {training['dead_after_tokens']:,} training "
+        "tokens; agreement and KL(real || replacement): every covered MLP replaced at once",
+    )
+    for row, dead_fraction in zip(evaluation.layers, training["dead_fraction"], strict=True):
+        table.add_row(
+            str(row.layer), f"{row.explained_variance:.3f}", f"{row.l0:.1f}", f"{dead_fraction:.1%}"
+        )
+    table.add_row(
+        "all",
+        "",
+        "",
+        "",
+        f"{evaluation.next_token_agreement:.1%}",
+        f"{evaluation.kl:.4f}",
+        style="bold",
+    )
+    console.print(table)
+
+
+@transcoders_app.command("list")
+def transcoders_list(
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Where to look (default TZOO_TRANSCODERS_DIR)."),
+    ] = None,
+) -> None:
+    """Show the saved transcoder sets: model, kind, layers, size and how well they did."""
+    from tzoo.circuits.io import list_saved_transcoders, transcoders_root
+
+    root = directory or transcoders_root(_settings())
+    saved = list_saved_transcoders(root)
+    if not saved:
+        console.print(
+            f"No transcoders in {root}; train some with `tzoo transcoders train --model NAME`."
+        )
+        return
+    table = Table(
+        "set",
+        "model",
+        "kind",
+        "layers",
+        "features",
+        "tokens",
+        "expl. var.",
+        "agreement",
+        title=f"Transcoders in {root}",
+    )
+    for entry in saved:
+        where = entry.path.relative_to(root) if entry.path.is_relative_to(root) else entry.path
+        table.add_row(
+            str(where),
+            entry.model_name,
+            f"{entry.kind} {entry.activation}",
+            ",".join(map(str, entry.layers)),
+            "?" if entry.n_features is None else str(entry.n_features),
+            "" if entry.tokens is None else f"{entry.tokens:,}",
+            "" if entry.explained_variance is None else f"{entry.explained_variance:.3f}",
+            "" if entry.next_token_agreement is None else f"{entry.next_token_agreement:.1%}",
+        )
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()
