@@ -30,6 +30,7 @@ from tzoo.web.preload import Preloader
 from tzoo.web.routes import annotations as annotation_routes
 from tzoo.web.routes import (
     auth,
+    circuits,
     docs,
     health,
     lens_pages,
@@ -115,7 +116,17 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     app.add_exception_handler(RateLimitedError, lens_service.rate_limit_response)
     app.mount("/static", StaticFiles(directory=WEB_DIR / "static"), name="static")
     # annotation_routes: the name `annotations` is taken by `from __future__ import annotations`.
-    for module in (health, models, docs, pages, auth, annotation_routes, visualizations, wheel):
+    for module in (
+        health,
+        models,
+        docs,
+        pages,
+        auth,
+        annotation_routes,
+        visualizations,
+        wheel,
+        circuits,
+    ):
         app.include_router(module.router)
     for extra in (
         visualizations.pages,
@@ -124,6 +135,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         lens_service.router,
         lens_service.sockets,
         lens_pages.router,
+        circuits.pages,
     ):
         app.include_router(extra)
     return app

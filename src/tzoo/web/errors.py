@@ -20,6 +20,13 @@ from tzoo.runtime.errors import (
     UnsupportedArchitectureError,
 )
 from tzoo.runtime.manager import ModelBusyError
+from tzoo.service.circuits import (
+    GraphRequestError,
+    NoSuchFeatureError,
+    TranscodersChangedError,
+    TranscodersNotTrainedError,
+    UnknownTranscodersError,
+)
 from tzoo.service.lens_jobs import (
     QueueFullError,
     RequestNotFoundError,
@@ -58,6 +65,11 @@ STATUS_OF: list[tuple[type[Exception], int]] = [
     (LensUnsupportedError, 422),
     (LensMismatchError, 422),
     (NotADecoderError, 422),
+    (UnknownTranscodersError, 404),
+    (NoSuchFeatureError, 404),
+    (TranscodersNotTrainedError, 409),
+    (TranscodersChangedError, 409),
+    (GraphRequestError, 422),
 ]
 USER_ERRORS: tuple[type[Exception], ...] = (
     ModelError,
@@ -75,6 +87,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     LensUnsupportedError,
     LensMismatchError,
     NotADecoderError,
+    UnknownTranscodersError,
+    NoSuchFeatureError,
+    TranscodersNotTrainedError,
+    TranscodersChangedError,
+    GraphRequestError,
 )
 
 

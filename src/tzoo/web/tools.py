@@ -36,7 +36,7 @@ TOOLS: list[Tool] = [
         "circuits",
         "Circuits",
         "Transcoders, attribution graphs and feature labels for a prompt's computation.",
-        None,
+        "/graph",
     ),
     Tool(
         "validate",
