@@ -171,10 +171,13 @@ def salient_logits(
     *,
     max_logits: int = 10,
     desired_logit_prob: float = 0.95,
+    include: Sequence[int] = (),
 ) -> LogitTargets:
     """The most probable tokens of ``logits`` (V,) until their probabilities add up to
     ``desired_logit_prob``, at most ``max_logits``; with each one's demeaned unembedding row,
-    so that ``final @ vector + bias`` is that logit minus the mean logit."""
+    so that ``final @ vector + bias`` is that logit minus the mean logit. Tokens in
+    ``include`` are targets too (after those), however unlikely (a question about a
+    token the model does not favour)."""
     if max_logits < 1:
         raise ValueError("max_logits must be at least 1.")
     if not 0 < desired_logit_prob <= 1:
@@ -183,6 +186,15 @@ def salient_logits(
     top_p, top = probs.topk(min(max_logits, probs.numel()))
     cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob))) + 1
     top_p, top = top_p[:cutoff], top[:cutoff]
+    extra = [int(t) for t in dict.fromkeys(include) if int(t) not in set(top.tolist())]
+    for token in extra:
+        if not 0 <= token < probs.numel():
+            raise ValueError(
+                f"Target token id {token} is outside the vocabulary (0..{probs.numel() - 1})."
+            )
+    if extra:
+        chosen = torch.tensor(extra, dtype=top.dtype)
+        top, top_p = torch.cat([top, chosen]), torch.cat([top_p, probs[chosen]])
     vectors = unembedding[top] - unembedding.mean(0, keepdim=True)
     biases = torch.zeros_like(top_p) if bias is None else bias[top] - bias.mean()
     return LogitTargets(top, top_p, vectors, biases)
@@ -461,6 +473,7 @@ def attribute(
     max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
     batch_size: int = DEFAULT_BATCH_SIZE,
     exclude_bos: bool = True,
+    target_tokens: Sequence[int] = (),
     progress: ProgressFn | None = None,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` on ``handle``'s model with ``transcoders``.
@@ -472,6 +485,7 @@ def attribute(
     ``batch_size``: targets per backward pass. ``exclude_bos``: when the first token is a
     special token, its features and errors are not nodes (circuit-tracer's ``zero_bos``;
     the BOS position's outsized activations would dominate every graph).
+    ``target_tokens``: token ids that are logit targets whatever their probability.
     ``progress(done, total)`` after each batch of target rows.
     """
     replacement = build_replacement(handle, transcoders, prompt)
@@ -484,6 +498,7 @@ def attribute(
         max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
         exclude_bos=bos,
+        target_tokens=target_tokens,
         progress=progress,
     )
     graph.prompt = prompt if isinstance(prompt, str) else handle.tokenizer.decode(list(prompt))
@@ -501,6 +516,7 @@ def attribute_replacement(
     exclude_bos: bool = False,
     batched: bool = True,
     update_interval: int = 4,
+    target_tokens: Sequence[int] = (),
     progress: ProgressFn | None = None,
 ) -> AttributionGraph:
     """``attribute`` on a replacement model already built (``exclude_bos`` applies as
@@ -519,6 +535,7 @@ def attribute_replacement(
         rm.parts.unembedding_bias,
         max_logits=max_logits,
         desired_logit_prob=desired_logit_prob,
+        include=target_tokens,
     )
     ctx = AttributionContext(rm, features, activations, exclude_bos)
     n_active, n_logits = ctx.n_active, len(targets.tokens)
