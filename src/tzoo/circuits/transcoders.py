@@ -119,23 +119,25 @@ class _JumpReLUFunction(torch.autograd.Function):
     def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        # Compared in fp32 (the threshold's precision) whatever the input's dtype; where()
+        # rather than a product, so that inactive features are +0.0, never -0.0.
+        return torch.where(pre.float() > threshold, pre, torch.zeros_like(pre))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         pre, threshold = ctx.saved_tensors
         bandwidth = ctx.bandwidth
-        grad_pre = grad * (pre > threshold)
+        grad_pre = grad * (pre.float() > threshold)
         # d/d(threshold) of pre * H(pre - threshold) = -threshold * delta(pre - threshold),
         # delta approximated by a rectangle of width ``bandwidth`` around the threshold.
-        near = ((pre - threshold).abs() < bandwidth / 2).to(grad.dtype)
-        grad_threshold = -(threshold / bandwidth) * near * grad
+        near = ((pre.float() - threshold).abs() < bandwidth / 2).float()
+        grad_threshold = -(threshold / bandwidth) * near * grad.float()
         dims = tuple(range(grad_threshold.dim() - threshold.dim()))
         return grad_pre, grad_threshold.sum(dim=dims).to(threshold.dtype), None
 
 
 def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    out = _JumpReLUFunction.apply(pre, threshold.to(pre.dtype), bandwidth)
+    out = _JumpReLUFunction.apply(pre, threshold.float(), bandwidth)
     assert isinstance(out, Tensor)
     return out
 
@@ -221,7 +223,9 @@ class TranscoderSet(nn.Module):
     def encode(self, layer: int, x: Tensor) -> Tensor:
         """Pre-activations (..., F) of layer ``layer``'s features for MLP inputs ``x``."""
         i = self.index(layer)
-        return (x * self.input_scale[i]) @ self.W_enc[i] + self.b_enc[i]
+        weight = self.W_enc[i]
+        # A bf16/fp16 model's activations meet the transcoder in its own dtype.
+        return (x.to(weight.dtype) * self.input_scale[i]) @ weight + self.b_enc[i]
 
     def activate(self, layer: int, pre: Tensor) -> Tensor:
         if self.config.activation == "topk":
