@@ -26,6 +26,16 @@ _LAZY = {
     "ModelHandle": "tzoo.runtime.handle",
     "Settings": "tzoo.config",
     "create_app": "tzoo.web.app",
+    "TranscoderSet": "tzoo.circuits.transcoders",
+    "TranscoderConfig": "tzoo.circuits.transcoders",
+    "train_transcoders": "tzoo.circuits.training",
+    "load_transcoders": "tzoo.circuits.io",
+    "save_transcoders": "tzoo.circuits.io",
+    "attribute": "tzoo.circuits.attribution",
+    "prune": "tzoo.circuits.attribution",
+    "active_features": "tzoo.circuits.features",
+    "build_dashboards": "tzoo.circuits.features",
+    "explain_circuit": "tzoo.circuits.agent",
 }
 
 if TYPE_CHECKING:
@@ -34,6 +44,12 @@ if TYPE_CHECKING:
     from tzoo.analyses.tuned_lens import TunedLens
     from tzoo.analyses.verbalize import VerbalizeResult, verbalize
     from tzoo.api import load_model
+    from tzoo.circuits.agent import explain_circuit
+    from tzoo.circuits.attribution import attribute, prune
+    from tzoo.circuits.features import active_features, build_dashboards
+    from tzoo.circuits.io import load_transcoders, save_transcoders
+    from tzoo.circuits.training import train_transcoders
+    from tzoo.circuits.transcoders import TranscoderConfig, TranscoderSet
     from tzoo.config import Settings
     from tzoo.runtime.handle import ModelHandle
     from tzoo.runtime.manager import ModelManager
@@ -45,13 +61,23 @@ __all__ = [
     "ModelHandle",
     "ModelManager",
     "Settings",
+    "TranscoderConfig",
+    "TranscoderSet",
     "TunedLens",
     "VerbalizeResult",
     "__version__",
+    "active_features",
     "attention",
+    "attribute",
+    "build_dashboards",
     "create_app",
+    "explain_circuit",
     "load_model",
+    "load_transcoders",
     "logit_lens",
+    "prune",
+    "save_transcoders",
+    "train_transcoders",
     "tuned_lens",
     "verbalize",
 ]
