@@ -473,3 +473,21 @@ def test_bad_input_gets_clear_errors(manager: ModelManager) -> None:
         FeatureIntervention(0, 0, 0)
     with pytest.raises(InterventionError, match="mode"):
         intervene(rm, [], mode=cast(Any, "sideways"))
+
+
+def test_transcoders_named_by_a_hub_id_fit_their_bundled_model(
+    manager: ModelManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """circuit-tracer's files name a bundled model by its hub id (as `io` writes them)."""
+    from dataclasses import replace
+
+    from tzoo.circuits import replacement
+
+    handle = manager.get("tiny-llama")
+    monkeypatch.setitem(replacement.HUB_IDS, "tiny-llama", "example/tiny-llama")
+    transcoders = random_transcoders(handle, "plt", 0)
+    transcoders.config = replace(transcoders.config, model_name="example/tiny-llama")
+    replacement.check_transcoders(handle, transcoders)
+    transcoders.config = replace(transcoders.config, model_name="example/other")
+    with pytest.raises(replacement.TranscoderMismatchError, match="trained on 'example/other'"):
+        replacement.check_transcoders(handle, transcoders)

@@ -62,7 +62,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from tzoo.analyses.attention import EmptyInputError, InputTooLongError, display_tokens
-from tzoo.circuits.transcoders import TranscoderSet
+from tzoo.circuits.transcoders import TranscoderMismatchError, TranscoderSet
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.hooks import adapter_for, patch
 
@@ -73,10 +73,6 @@ DEFAULT_MAX_TOKENS = 1024  # active_features: longest prompt accepted
 
 ProgressFn = Callable[[int, int], None]  # (batches done, total batches over all passes)
 FeatureKey = tuple[int, int]  # (layer, feature)
-
-
-class TranscoderMismatchError(ValueError):
-    """The transcoders were not made for this model (width, depth or stack differ)."""
 
 
 # -- results --------------------------------------------------------------------------------

@@ -57,8 +57,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tzoo.circuits.transcoders import (
+    HUB_IDS,
     TranscoderConfig,
     TranscoderConfigError,
+    TranscoderMismatchError,
     TranscoderSet,
 )
 from tzoo.config import Settings, get_settings
@@ -75,7 +77,6 @@ THRESHOLD_KEY = "activation_function.threshold"
 _INPUT_HOOKS = {"mlp.hook_in": "mlp_in", "ln2.hook_normalized": "mlp_in"}
 _OUTPUT_HOOKS = {"mlp.hook_out": "mlp_out", "hook_mlp_out": "mlp_out"}
 # Hub ids of bundled models, written as ``model_name`` so circuit-tracer can load the model.
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _LAYER_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
 _ENCODER_FILE = re.compile(r"^W_enc_(\d+)\.safetensors$")
 _WEIGHT_FILE = re.compile(r"^(layer|W_enc|W_dec)_\d+\.safetensors$")
@@ -87,10 +88,6 @@ class TranscodersNotFoundError(FileNotFoundError):
 
 class TranscoderFormatError(ValueError):
     """Files that are not transcoders in circuit-tracer's format (or ours), with why."""
-
-
-class TranscoderMismatchError(ValueError):
-    """Transcoders made for another model."""
 
 
 # -- where they live --------------------------------------------------------------------------

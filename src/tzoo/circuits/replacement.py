@@ -36,7 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from tzoo.analyses.attention import EmptyInputError, InputTooLongError
-from tzoo.circuits.transcoders import FoldedLayer, TranscoderSet, topk_activation
+from tzoo.circuits.transcoders import (
+    HUB_IDS,
+    FoldedLayer,
+    TranscoderMismatchError,
+    TranscoderSet,
+    topk_activation,
+)
 from tzoo.runtime.errors import UnsupportedArchitectureError
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.hooks import run_with_cache
@@ -47,10 +53,6 @@ MlpFn = Callable[[int, Tensor], Tensor]  # (layer, mlp input (..., T, d)) -> mlp
 
 class ReplacementUnsupportedError(UnsupportedArchitectureError):
     """The model has no local replacement model here (an encoder, or an unknown family)."""
-
-
-class TranscoderMismatchError(ValueError):
-    """The transcoders were made for another model, width or hook point."""
 
 
 class TargetPositionError(ValueError):
@@ -264,7 +266,8 @@ def check_transcoders(handle: ModelHandle, transcoders: TranscoderSet) -> None:
     """TranscoderMismatchError unless ``transcoders`` were made for ``handle``'s model."""
     config = transcoders.config
     problems = []
-    if config.model_name and config.model_name != handle.name:
+    # Sets in circuit-tracer's own files name the hub id of a bundled model.
+    if config.model_name and config.model_name not in {handle.name, HUB_IDS.get(handle.name)}:
         problems.append(f"they were trained on {config.model_name!r}")
     if config.d_model != handle.d_model:
         problems.append(f"their width is {config.d_model}, the model's is {handle.d_model}")

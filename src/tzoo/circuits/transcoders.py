@@ -39,6 +39,15 @@ KINDS: tuple[TranscoderKind, ...] = ("plt", "skip", "clt")
 ACTIVATIONS: tuple[ActivationKind, ...] = ("jumprelu", "topk")
 
 
+# Hub ids of bundled models: circuit-tracer's files name a model by its hub id.
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+class TranscoderMismatchError(ValueError):
+    """Transcoders made for another model: its name, width, depth, stack or hook points
+    differ (one class for the loaders, attribution and dashboards)."""
+
+
 class TranscoderConfigError(ValueError):
     """A transcoder configuration that cannot be built (with what is wrong)."""
 
