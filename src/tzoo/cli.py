@@ -749,6 +749,137 @@ def transcoders_list(
     console.print(table)
 
 
+# -- circuits -----------------------------------------------------------------------------------
+
+circuits_app = typer.Typer(
+    help="Attribution graphs and the circuit agent on saved transcoders.", no_args_is_help=True
+)
+app.add_typer(circuits_app, name="circuits")
+
+
+def _pick_transcoders(handle: Any, directory: Path | None) -> Any:
+    """The set in ``directory``, or the first saved set for ``handle``'s model."""
+    from tzoo.circuits.io import list_saved_transcoders, load_transcoders, transcoders_root
+    from tzoo.circuits.transcoders import HUB_IDS
+
+    if directory is None:
+        names = {handle.name, HUB_IDS.get(handle.name)}
+        saved = [
+            s
+            for s in list_saved_transcoders(transcoders_root(_settings()))
+            if s.model_name in names
+        ]
+        if not saved:
+            raise _bad_input(
+                f"No transcoders saved for {handle.name}; train some with "
+                f"`tzoo transcoders train --model {handle.name}`, or pass --transcoders DIR."
+            )
+        directory = saved[0].path
+    return load_transcoders(directory, handle=handle)
+
+
+TranscodersOption = Annotated[
+    Path | None,
+    typer.Option("--transcoders", "-t", help="A saved set (default: the model's first one)."),
+]
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="Catalogue name, local directory or hub id.")
+]
+
+
+@circuits_app.command("explain")
+def circuits_explain(
+    prompt: Annotated[str, typer.Argument(help="The text the model reads.")],
+    target: Annotated[str, typer.Option(help="One token to explain, e.g. ' Paris'.")],
+    model: ModelOption = "smollm2-135m",
+    transcoders: TranscodersOption = None,
+    position: Annotated[int, typer.Option(help="Where the target is predicted (-1: last).")] = -1,
+    paths: Annotated[int, typer.Option(min=1, max=50, help="How many paths to show.")] = 5,
+    labels: Annotated[bool, typer.Option(help="Label the features on the paths.")] = True,
+) -> None:
+    """The strongest paths in the attribution graph into TARGET's logit, with labels."""
+    from tzoo.circuits.agent import explain_circuit
+    from tzoo.runtime.manager import ModelManager
+
+    settings = _settings()
+    try:
+        with (
+            _model_errors(),
+            ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as h,
+        ):
+            chosen = _pick_transcoders(h, transcoders)
+            with console.status("Tracing…") as status:
+
+                def progress(stage: str, done: int, total: int) -> None:
+                    status.update(f"Tracing: {stage} {done}/{total}")
+
+                answer = explain_circuit(
+                    h,
+                    chosen,
+                    prompt,
+                    target,
+                    target_position=position,
+                    n_paths=paths,
+                    label=labels,
+                    progress=progress,
+                )
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    console.print(
+        f"{answer.target_text!r} at position {answer.target_position}: probability "
+        f"{answer.target_probability:.3f}"
+    )
+    for rank, path in enumerate(answer.paths, start=1):
+        sign = "+" if path.sign > 0 else "-"
+        console.print(f"{rank}. [{sign}] {path.strength:.4f}  {path.describe()}", markup=False)
+
+
+@circuits_app.command("graph")
+def circuits_graph(
+    prompt: Annotated[str, typer.Argument(help="The text the model reads.")],
+    out: Annotated[Path, typer.Option(help="Folder for SLUG.json and graph-metadata.json.")],
+    slug: Annotated[str, typer.Option(help="The graph's name in the folder.")] = "graph",
+    model: ModelOption = "smollm2-135m",
+    transcoders: TranscodersOption = None,
+    position: Annotated[int, typer.Option(help="Where the logits are read (-1: last).")] = -1,
+    node_threshold: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(min=0, max=1)] = 0.98,
+    max_feature_nodes: Annotated[int, typer.Option(min=1)] = 4096,
+) -> None:
+    """Compute an attribution graph and write it as circuit-tracer's graph JSON (its
+    front end and ours read it)."""
+    from tzoo.circuits.attribution import attribute, graph_scores
+    from tzoo.circuits.graph_json import write_graph_json
+    from tzoo.runtime.manager import ModelManager
+
+    settings = _settings()
+    try:
+        with (
+            _model_errors(),
+            ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as h,
+        ):
+            chosen = _pick_transcoders(h, transcoders)
+            with console.status("Attributing…") as status:
+                graph = attribute(
+                    h,
+                    chosen,
+                    prompt,
+                    target_position=position,
+                    max_feature_nodes=max_feature_nodes,
+                    progress=lambda done, total: status.update(f"Attributing: {done}/{total}"),
+                )
+            path = write_graph_json(
+                graph, out, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold
+            )
+    except (ValueError, FileNotFoundError) as exc:
+        raise _bad_input(str(exc)) from None
+    scores = graph_scores(graph)
+    console.print(
+        f"{graph.n_features} feature nodes, replacement score {scores.replacement:.3f}, "
+        f"completeness {scores.completeness:.3f}; wrote {path}"
+    )
+
+
 def main() -> None:
     try:
         app()
