@@ -842,9 +842,15 @@ def circuits_graph(
     model: ModelOption = "smollm2-135m",
     transcoders: TranscodersOption = None,
     position: Annotated[int, typer.Option(help="Where the logits are read (-1: last).")] = -1,
-    node_threshold: Annotated[float, typer.Option(min=0, max=1)] = 0.8,
-    edge_threshold: Annotated[float, typer.Option(min=0, max=1)] = 0.98,
-    max_feature_nodes: Annotated[int, typer.Option(min=1)] = 4096,
+    node_threshold: Annotated[
+        float, typer.Option(min=0, max=1, help="Keep nodes up to this share of influence.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option(min=0, max=1, help="Keep edges up to this share of influence.")
+    ] = 0.98,
+    max_feature_nodes: Annotated[
+        int, typer.Option(min=1, help="At most this many feature nodes (the most influential).")
+    ] = 4096,
 ) -> None:
     """Compute an attribution graph and write it as circuit-tracer's graph JSON (its
     front end and ours read it)."""
