@@ -2,7 +2,7 @@
 // order, added as the server streams them and replaced by the final result. Every
 // token and explanation goes in as text.
 
-import { clear, el } from "tzoo/lens/dom.js";
+import { clear, el } from "tzoo/wheel/dom.js"; // the wheel's text-only DOM helpers
 import { nats, percent, spokenToken, visibleToken } from "tzoo/lens/format.js";
 
 /**

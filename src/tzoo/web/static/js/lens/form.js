@@ -2,7 +2,7 @@
 // Groups and analyses come from the server (connection_established, model_groups); the
 // options are read and checked here, and the server checks them again.
 
-import { el } from "tzoo/lens/dom.js";
+import { el } from "tzoo/wheel/dom.js"; // the wheel's text-only DOM helpers
 
 export const ANALYSIS_NAMES = {
   logit_lens: "Logit lens",

@@ -7,7 +7,7 @@
 // tabindex makes it one Tab stop, and the arrow keys move between cells. Every token
 // goes in as text (textContent), never as markup.
 
-import { clear, el } from "tzoo/lens/dom.js";
+import { clear, el } from "tzoo/wheel/dom.js"; // the wheel's text-only DOM helpers
 import { layerLabel, nats, percent, shortToken, spokenLayer, spokenToken, visibleToken } from "tzoo/lens/format.js";
 
 const d3 = globalThis.d3;

@@ -5,7 +5,7 @@
 //
 // Usage: <script type="module">import { start } from "tzoo/lens/main.js"; start();</script>
 
-import { say } from "tzoo/lens/dom.js";
+import { say } from "tzoo/wheel/dom.js"; // the wheel's text-only DOM helpers
 import { createExplainTable } from "tzoo/lens/explain_view.js";
 import { ANALYSIS_NAMES, createForm } from "tzoo/lens/form.js";
 import { queueText, seconds } from "tzoo/lens/format.js";

@@ -1,4 +1,4 @@
-// Tiny DOM helpers for the token wheel. Text always goes in as text nodes: token texts,
+// Tiny DOM helpers for the token wheel and the lens page. Text always goes in as text nodes: token texts,
 // prompts and server messages can never become markup.
 
 /**
