@@ -382,6 +382,13 @@ def _lens_corpus(
 ) -> tuple[list[str], list[str]]:
     from tzoo.analyses.corpus import build_corpus, shipped_corpus, split_corpus
 
+    if handle.architecture != "decoder":  # an encoder cannot sample text: the shipped texts
+        if not shipped:
+            raise _bad_input(
+                f"{handle.name} is an encoder and cannot sample a corpus; keep --shipped."
+            )
+        console.print(f"{handle.name} is an encoder: training on the texts shipped with tzoo.")
+        return split_corpus(shipped_corpus(), heldout, seed)
     with console.status(f"Sampling {docs} documents from {handle.name} (seed {seed})…") as s:
         corpus = build_corpus(
             handle,
@@ -620,8 +627,11 @@ def _transcoder_config(
 ) -> Any:
     from tzoo.circuits.transcoders import TranscoderConfig, TranscoderConfigError
 
-    if handle.architecture != "decoder":
-        raise _bad_input(f"Transcoders are trained on decoder models; {handle.name} is not one.")
+    if handle.architecture not in ("decoder", "encoder"):
+        raise _bad_input(
+            f"Transcoders are trained on decoder-only or encoder-only models; {handle.name} is "
+            f"an {handle.architecture}."
+        )
     if layers[-1] >= handle.n_layers:
         raise _bad_input(
             f"{handle.name} has {handle.n_layers} layers (0-{handle.n_layers - 1}); "
@@ -637,6 +647,7 @@ def _transcoder_config(
             n_model_layers=handle.n_layers,
             activation=activation,  # type: ignore[arg-type]
             top_k=top_k,
+            stack="decoder" if handle.architecture == "decoder" else "encoder",
         )
     except TranscoderConfigError as exc:
         raise _bad_input(str(exc)) from None
@@ -699,8 +710,10 @@ def _print_transcoder_table(model: str, evaluation: Any, training: dict[str, Any
         "",
         "",
         "",
-        f"{evaluation.next_token_agreement:.1%}",
-        f"{evaluation.kl:.4f}",
+        "n/a"
+        if evaluation.next_token_agreement is None
+        else f"{evaluation.next_token_agreement:.1%}",
+        "n/a" if evaluation.kl is None else f"{evaluation.kl:.4f}",
         style="bold",
     )
     console.print(table)
@@ -793,7 +806,10 @@ def circuits_explain(
     target: Annotated[str, typer.Option(help="One token to explain, e.g. ' Paris'.")],
     model: ModelOption = "smollm2-135m",
     transcoders: TranscodersOption = None,
-    position: Annotated[int, typer.Option(help="Where the target is predicted (-1: last).")] = -1,
+    position: Annotated[
+        int | None,
+        typer.Option(help="Where the target is predicted (default: last token, or the mask)."),
+    ] = None,
     paths: Annotated[int, typer.Option(min=1, max=50, help="How many paths to show.")] = 5,
     labels: Annotated[bool, typer.Option(help="Label the features on the paths.")] = True,
 ) -> None:
@@ -841,7 +857,10 @@ def circuits_graph(
     slug: Annotated[str, typer.Option(help="The graph's name in the folder.")] = "graph",
     model: ModelOption = "smollm2-135m",
     transcoders: TranscodersOption = None,
-    position: Annotated[int, typer.Option(help="Where the logits are read (-1: last).")] = -1,
+    position: Annotated[
+        int | None,
+        typer.Option(help="Where the logits are read (default: last token, or the mask)."),
+    ] = None,
     node_threshold: Annotated[
         float, typer.Option(min=0, max=1, help="Keep nodes up to this share of influence.")
     ] = 0.8,

@@ -26,10 +26,10 @@ from tzoo.circuits.features import build_dashboards
 from tzoo.circuits.graph_json import GraphFile, read_graph_json, to_graph_json
 from tzoo.circuits.interventions import FeatureIntervention, intervene
 from tzoo.circuits.io import load_transcoders, save_transcoders
-from tzoo.circuits.replacement import build_replacement
+from tzoo.circuits.replacement import build_replacement, stack_of
 from tzoo.circuits.transcoders import TranscoderConfig, TranscoderSet
 from tzoo.runtime.handle import ModelHandle
-from tzoo.service.circuits import DASHBOARD_OPTIONS, LOADED_TRANSCODERS
+from tzoo.service.circuits import DASHBOARD_OPTIONS, LOADED_TRANSCODERS, find_transcoder_set
 from tzoo.store.artefacts import get_artefact, load_arrays
 from tzoo.web.app import create_app
 from tzoo.web.tools import TOOLS
@@ -58,6 +58,7 @@ def random_transcoders(
         n_features=n_features,
         layers=tuple(range(handle.n_layers)),
         n_model_layers=handle.n_layers,
+        stack=stack_of(handle),
     )
     transcoders = TranscoderSet(config, seed=seed)
     g = torch.Generator().manual_seed(seed + 1000)
@@ -477,8 +478,7 @@ def test_retrained_transcoders_make_a_graph_s_features_stale(
         ({"prompt": "x" * 300}, 413, "the limit is 256"),
         ({"target_position": 40}, 422, "outside the prompt"),
         ({"target_position": -17}, 422, "outside the prompt"),
-        ({"model_name": "tiny-bert"}, 422, "decoder-only"),
-        ({"model_name": "tiny-t5"}, 422, "decoder-only"),
+        ({"model_name": "tiny-t5"}, 422, "encoder-decoder"),
         ({"prompt": "   "}, 422, "empty"),
         ({"prompt": ""}, 422, "prompt"),
         ({"node_threshold": 1.5}, 422, "node_threshold"),
@@ -494,6 +494,40 @@ def test_bad_graph_requests_get_clear_errors(
     )
     assert response.status_code == status, response.text
     assert detail in json.dumps(response.json()["detail"], ensure_ascii=False).replace('\\"', '"')
+
+
+def test_an_encoder_s_graph_is_read_at_its_mask(
+    client: TestClient, app: FastAPI, root: Path
+) -> None:
+    """A masked-LM's graph: the default target is the mask, any other position can be
+    asked for, a prompt without a mask gets a sentence, and a bare encoder (no head) too."""
+    manager = app.state.manager
+    for name in ("tiny-bert-mlm", "tiny-bert"):
+        encoder = random_transcoders(manager.get(name), seed=2, low_features=None)
+        save_transcoders(encoder, root / "transcoders" / name / "plt-jumprelu-32f-L0-1")
+    body = {"model_name": "tiny-bert-mlm", "prompt": "Cats [MASK] on it.", "max_feature_nodes": 30}
+    created = client.post("/api/graphs", json=body)
+    assert created.status_code == 201, created.text
+    info = client.get(f"/api/graphs/{created.json()['slug']}").json()["tzoo"]
+    assert info["prompt_tokens"][info["target_position"]] == "[MASK]"
+    handle = manager.get("tiny-bert-mlm")
+    expected = attribute(
+        handle,
+        LOADED_TRANSCODERS.get(
+            find_transcoder_set(app.state.settings, "tiny-bert-mlm", None), handle
+        ),
+        body["prompt"],
+        max_feature_nodes=30,
+    )
+    assert info["target_position"] == expected.target_position == 6  # [CLS] C a t s ␣ [MASK]
+    assert info["logit_strings"] == expected.logit_strings
+    at_two = client.post("/api/graphs", json={**body, "target_position": 2})
+    assert at_two.status_code == 201, at_two.text
+    assert client.get(f"/api/graphs/{at_two.json()['slug']}").json()["tzoo"]["target_position"] == 2
+    no_mask = client.post("/api/graphs", json={**body, "prompt": "Cats sat."})
+    assert no_mask.status_code == 422 and "[MASK]" in no_mask.json()["detail"]
+    bare = client.post("/api/graphs", json={**body, "model_name": "tiny-bert"})
+    assert bare.status_code == 422 and "masked-LM head" in bare.json()["detail"]
 
 
 def test_unknown_graphs_are_404(client: TestClient) -> None:

@@ -4,6 +4,7 @@ answered with a sentence and exit code 2."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,39 @@ def test_train_saves_under_the_transcoders_dir_by_default(tmp_path: Path) -> Non
     assert "tiny-llama/plt-topk-64f-L1" in listed.output
 
 
+def test_an_encoder_trains_on_the_shipped_texts_and_its_graph_reads_the_mask(
+    tmp_path: Path,
+) -> None:
+    """A masked-LM: transcoders on the encoder stack from the shipped corpus, with the
+    prediction agreement measured at every position; then a graph read at the mask."""
+    out = tmp_path / "bert"
+    quick = [a for a in QUICK if a != "--no-shipped"]
+    quick[quick.index("tiny-llama")] = "tiny-bert-mlm"
+    result = runner.invoke(
+        app, ["transcoders", "train", *quick, "--out", str(out)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "training on the texts shipped with tzoo" in result.output
+    transcoders = load_transcoders(out)
+    assert (
+        transcoders.config.stack == "encoder" and transcoders.config.model_name == "tiny-bert-mlm"
+    )
+    agreement = transcoders.config.training["evaluation"]["next_token_agreement"]
+    assert 0 <= agreement <= 1 and f"{agreement:.1%}" in result.output
+
+    graphs = tmp_path / "graphs"
+    drawn = runner.invoke(
+        app,
+        ["circuits", "graph", "Cats [MASK] sat.", "--out", str(graphs), "--model", "tiny-bert-mlm",
+         "--transcoders", str(out)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert drawn.exit_code == 0, drawn.output
+    graph = json.loads((graphs / "graph.json").read_text())
+    logits = [n for n in graph["nodes"] if n["feature_type"] == "logit"]
+    assert logits and {n["ctx_idx"] for n in logits} == {6}  # [CLS] C a t s ␣ [MASK]
+
+
 def test_list_says_when_there_is_nothing(tmp_path: Path) -> None:
     result = runner.invoke(app, ["transcoders", "list", "--dir", str(tmp_path)])
     assert result.exit_code == 0 and "No transcoders in" in result.output
@@ -103,7 +137,8 @@ def test_list_says_when_there_is_nothing(tmp_path: Path) -> None:
         (["--model", "tiny-llama", "--layers", "3-1"], "runs backwards"),
         (["--model", "tiny-llama", "--layers", "0-5"], "tiny-llama has 2 layers (0-1)"),
         (["--model", "tiny-llama", "--kind", "sae"], "--kind must be plt, skip or clt"),
-        (["--model", "tiny-bert", "--layers", "0"], "tiny-bert is not one"),
+        (["--model", "tiny-t5", "--layers", "0"], "tiny-t5 is an encoder-decoder"),
+        (["--model", "tiny-bert", "--no-shipped"], "tiny-bert is an encoder and cannot sample"),
     ],
 )
 def test_bad_input_exits_2_with_a_sentence(args: list[str], message: str) -> None:

@@ -128,7 +128,7 @@ def explain_circuit(
     prompt: str,
     target: str | int,
     *,
-    target_position: int = -1,
+    target_position: int | None = None,
     n_paths: int = 5,
     max_feature_nodes: int | None = 1024,
     label: bool = True,

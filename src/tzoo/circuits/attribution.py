@@ -40,7 +40,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from tzoo.circuits.replacement import ReplacementModel, build_replacement, resolve_position
+from tzoo.circuits.replacement import (
+    ReplacementModel,
+    build_replacement,
+    default_target_position,
+    resolve_position,
+)
 from tzoo.circuits.transcoders import TranscoderSet
 from tzoo.runtime.handle import ModelHandle
 
@@ -467,7 +472,7 @@ def attribute(
     transcoders: TranscoderSet,
     prompt: str | Sequence[int],
     *,
-    target_position: int = -1,
+    target_position: int | None = None,
     max_logits: int = 10,
     desired_logit_prob: float = 0.95,
     max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
@@ -478,7 +483,8 @@ def attribute(
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` on ``handle``'s model with ``transcoders``.
 
-    ``target_position``: where the logit nodes are read (any position; -1 the last).
+    ``target_position``: where the logit nodes are read (any position, negative ones from
+    the end); default a decoder's last token, an encoder's first mask token.
     ``max_feature_nodes``: at most this many feature nodes (None: every active feature);
     when capped, the features with the most influence on the logits are kept, found as
     circuit-tracer does by ranking them on the partial graph between batches.
@@ -508,7 +514,7 @@ def attribute(
 def attribute_replacement(
     replacement: ReplacementModel,
     *,
-    target_position: int = -1,
+    target_position: int | None = None,
     max_logits: int = 10,
     desired_logit_prob: float = 0.95,
     max_feature_nodes: int | None = DEFAULT_MAX_FEATURE_NODES,
@@ -523,6 +529,8 @@ def attribute_replacement(
     given). ``batched=False`` runs one backward pass per target (the naive baseline)."""
     started = time.perf_counter()
     rm = replacement
+    if target_position is None:
+        target_position = default_target_position(rm.handle, rm.input_ids)
     position = resolve_position(target_position, rm.n_tokens)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1.")

@@ -17,13 +17,20 @@ replacement model reproduces the real model's logits exactly on this prompt (the
 make up the difference), so an attribution graph built from it is a faithful decomposition.
 
 This module rebuilds that linear path from the model's own weights (a small adapter per
-family: llama and gpt2) instead of patching the real forward pass: attention in the local
-model needs no queries or keys, so a pass over it is a few matrix products per layer, and
-the graph autograd keeps for attribution holds no softmax. Layers the transcoders do not
+family: llama, gpt2 and bert) instead of patching the real forward pass: attention in the
+local model needs no queries or keys, so a pass over it is a few matrix products per layer,
+and the graph autograd keeps for attribution holds no softmax. Layers the transcoders do not
 cover keep their whole MLP output as the error term.
 
-Encoders (BERT) are refused: they are post-norm with a masked-LM head whose GELU sits
-between the residual stream and the logits, and the bundled BERT has no head at all.
+Encoders (BERT with its masked-LM head) fit the same frame with three differences: the
+norms come after each residual add (post-norm) and after the embeddings, the transcoders
+read the attention sublayer's normed output (what BERT's MLP reads), and the head puts a
+dense layer and a GELU between the last block and the logits. The GELU is frozen like the
+norms: ``gelu(t) = t * g`` with the gate ``g = gelu(t) / t`` taken from the clean run, per
+position and channel, so the head is linear too and still reproduces the logits. An
+encoder predicts masked tokens, not a next token, so its default target is the first mask
+token of the prompt. Encoder-decoders (T5) are refused: their decoder reads the encoder
+through cross-attention, a second stream this model does not trace.
 """
 
 from __future__ import annotations
@@ -116,17 +123,46 @@ class AttentionMaps:
 
 
 @dataclass(frozen=True)
+class HeadTransform:
+    """A masked-LM head's transform before its norm, ``act(x @ weight + bias)``; in the
+    replacement model ``act`` is frozen as a gate (see the module docstring)."""
+
+    weight: Tensor  # (d, d), applied as x @ weight
+    bias: Tensor | None
+    activation: Callable[[Tensor], Tensor]
+
+    def pre(self, x: Tensor) -> Tensor:
+        out = x @ self.weight
+        return out if self.bias is None else out + self.bias
+
+    def gate(self, pre: Tensor) -> Tensor:
+        """``act(pre) / pre`` elementwise (0 where ``pre`` is 0, as ``act(0) = 0``)."""
+        safe = torch.where(pre == 0, torch.ones_like(pre), pre)
+        return torch.where(pre == 0, torch.zeros_like(pre), self.activation(pre) / safe)
+
+
+@dataclass(frozen=True)
 class LinearParts:
-    """Everything of a decoder that stays in the local replacement model."""
+    """Everything of a model that stays in the local replacement model.
+
+    Pre-norm (llama, gpt2): ``attn_norms`` and ``mlp_norms`` normalise what attention and
+    the MLP read. Post-norm (``post_norm``, bert): ``attn_norms`` normalise the residual
+    after attention's add (which the MLP then reads), ``mlp_norms`` after the MLP's add.
+    """
 
     embedding: Tensor  # (V, d) token embeddings
-    position_embedding: Tensor | None  # (positions, d) learned absolute positions (GPT-2)
+    # (positions, d) what is added to the token embeddings: learned absolute positions
+    # (GPT-2; BERT's plus its first token-type row)
+    position_embedding: Tensor | None
     attn_norms: list[FrozenNorm]
     attention: list[AttentionMaps]
     mlp_norms: list[FrozenNorm]
     final_norm: FrozenNorm
     unembedding: Tensor  # (V, d)
     unembedding_bias: Tensor | None  # (V,)
+    post_norm: bool = False
+    embedding_norm: FrozenNorm | None = None  # BERT's LayerNorm of the embeddings
+    head: HeadTransform | None = None  # before ``final_norm``: a masked-LM head's transform
 
 
 def _frozen_norm(module: nn.Module) -> FrozenNorm:
@@ -212,23 +248,68 @@ def register_replacement_family(model_type: str, parts: Callable[[Any], LinearPa
     _FAMILIES[model_type] = parts
 
 
+def _bert_parts(model: Any) -> LinearParts:
+    base, config = model.bert, model.config
+    embeddings = base.embeddings
+    n_heads = int(config.num_attention_heads)
+    attention = []
+    for block in base.encoder.layer:
+        attn = block.attention
+        attention.append(
+            AttentionMaps(
+                w_value=attn.self.value.weight.detach().float().T,
+                b_value=_float(attn.self.value.bias),
+                w_out=attn.output.dense.weight.detach().float().T,
+                b_out=_float(attn.output.dense.bias),
+                n_heads=n_heads,
+                n_kv_heads=n_heads,
+                head_dim=int(config.hidden_size) // n_heads,
+            )
+        )
+    head = model.cls.predictions
+    transform = head.transform
+    return LinearParts(
+        embedding=embeddings.word_embeddings.weight.detach().float(),
+        # A single-segment prompt: every position has token type 0.
+        position_embedding=(
+            embeddings.position_embeddings.weight + embeddings.token_type_embeddings.weight[0]
+        )
+        .detach()
+        .float(),
+        attn_norms=[_frozen_norm(b.attention.output.LayerNorm) for b in base.encoder.layer],
+        attention=attention,
+        mlp_norms=[_frozen_norm(b.output.LayerNorm) for b in base.encoder.layer],
+        final_norm=_frozen_norm(transform.LayerNorm),
+        unembedding=head.decoder.weight.detach().float(),
+        unembedding_bias=_float(head.decoder.bias),
+        post_norm=True,
+        embedding_norm=_frozen_norm(embeddings.LayerNorm),
+        head=HeadTransform(
+            weight=transform.dense.weight.detach().float().T,
+            bias=_float(transform.dense.bias),
+            activation=transform.transform_act_fn,
+        ),
+    )
+
+
 register_replacement_family("llama", _llama_parts)
 register_replacement_family("gpt2", _gpt2_parts)
+register_replacement_family("bert", _bert_parts)
+
+
+def stack_of(handle: ModelHandle) -> str:
+    """The hook-point stack a replacement model of ``handle`` traces."""
+    return "decoder" if handle.architecture == "decoder" else "encoder"
 
 
 def linear_parts(handle: ModelHandle) -> LinearParts:
     """The linear pieces of ``handle``'s model, or ReplacementUnsupportedError."""
-    if handle.architecture != "decoder":
-        why = (
-            " Encoders are post-norm and have no next-token logits (a masked-LM head puts a "
-            "GELU between the residual stream and the logits), so they have no linear local "
-            "replacement model."
-            if handle.architecture == "encoder"
-            else ""
-        )
+    if handle.architecture not in ("decoder", "encoder"):
         raise ReplacementUnsupportedError(
-            f"Attribution graphs need a decoder-only language model (llama or gpt2 family); "
-            f"{handle.name!r} is an {handle.architecture} ({handle.family}).{why}"
+            f"Attribution graphs need a decoder-only language model or an encoder with a "
+            f"masked-LM head; {handle.name!r} is an {handle.architecture} ({handle.family}), "
+            "whose decoder reads the encoder through cross-attention, a second stream the "
+            "replacement model does not trace."
         )
     build = _FAMILIES.get(handle.family)
     if build is None:
@@ -236,9 +317,18 @@ def linear_parts(handle: ModelHandle) -> LinearParts:
             f"No replacement model for model type {handle.family!r}; supported: "
             f"{', '.join(sorted(_FAMILIES))}. Add one with register_replacement_family()."
         )
-    if getattr(handle.model, "lm_head", None) is None:
+    head = getattr(handle.model, "get_output_embeddings", lambda: None)()
+    if head is None:
+        what = (
+            "an encoder without a masked-LM head (a sentence-embedding model such as "
+            "minilm-l6 has none)"
+            if handle.architecture == "encoder"
+            else "loaded without its language-model head"
+        )
         raise ReplacementUnsupportedError(
-            f"{handle.name!r} was loaded without its language-model head; load it with one."
+            f"{handle.name!r} is {what}: an attribution graph explains logits, so it needs a "
+            "checkpoint with its head (for encoders a masked-LM such as tiny-bert-mlm or a "
+            "local bert-base-uncased directory)."
         )
     return build(handle.model)
 
@@ -275,11 +365,12 @@ def check_transcoders(handle: ModelHandle, transcoders: TranscoderSet) -> None:
         problems.append(
             f"they expect {config.n_model_layers} layers, the model has {handle.n_layers}"
         )
+    stack = stack_of(handle)
     sites = (config.stack, config.input_site, config.output_site)
-    if sites != ("decoder", "mlp_in", "mlp_out"):
+    if sites != (stack, "mlp_in", "mlp_out"):
         problems.append(
             f"they read {config.hook_in(0)!r} and write {config.hook_out(0)!r}, not the "
-            "decoder's MLP input and output"
+            f"{stack}'s MLP input and output"
         )
     if problems:
         raise TranscoderMismatchError(
@@ -305,6 +396,22 @@ def tokenize(handle: ModelHandle, prompt: str | Sequence[int]) -> Tensor:
     if isinstance(context, int) and ids.numel() > context:
         raise InputTooLongError(ids.numel(), context, "the model's context length")
     return ids
+
+
+def default_target_position(handle: ModelHandle, input_ids: Tensor) -> int:
+    """Where logits are read when no position is given: a decoder's last token (the next
+    token); an encoder's first mask token (what a masked-LM predicts)."""
+    if handle.architecture == "decoder":
+        return int(input_ids.numel()) - 1
+    mask_id = getattr(handle.tokenizer, "mask_token_id", None)
+    hits = [] if mask_id is None else (input_ids == mask_id).nonzero().flatten().tolist()
+    if not hits:
+        mask = getattr(handle.tokenizer, "mask_token", None) or "a mask token"
+        raise TargetPositionError(
+            f"{handle.name!r} is an encoder: it predicts masked tokens, not a next token. Put "
+            f"{mask} in the prompt where the prediction is wanted, or give the target position."
+        )
+    return int(hits[0])
 
 
 def resolve_position(position: int, n_tokens: int) -> int:
@@ -353,6 +460,8 @@ class ReplacementModel:
     pre_activations: dict[int, Tensor]  # layer -> (T, F)
     activations: dict[int, Tensor]  # layer -> (T, F)
     errors: Tensor  # (n_layers, T, d) real MLP output minus the transcoders' prediction
+    embedding_scale: Tensor | None = None  # (T, 1) the embedding norm's (BERT)
+    head_gate: Tensor | None = None  # (T, d) the head's frozen activation (BERT)
 
     @property
     def model_name(self) -> str:
@@ -442,18 +551,31 @@ class ReplacementModel:
 
     # -- passes -------------------------------------------------------------------------
     def run(self, embeddings: Tensor, mlp: MlpFn) -> ReplacementPass:
-        """A pass with frozen patterns and norms; ``mlp(layer, x)`` gives each layer's MLP
-        output from its input ``x`` (..., T, d). ``embeddings`` (..., T, d) are the token
-        embeddings (positions are added here)."""
+        """A pass with frozen patterns, norms (and head gate); ``mlp(layer, x)`` gives each
+        layer's MLP output from its input ``x`` (..., T, d). ``embeddings`` (..., T, d) are
+        the token embeddings (positions are added here)."""
+        parts = self.parts
         residual = embeddings + self.position_bias
+        if parts.embedding_norm is not None and self.embedding_scale is not None:
+            residual = parts.embedding_norm(residual, self.embedding_scale)
         inputs = []
         for layer in range(self.n_layers):
-            x = self.parts.attn_norms[layer](residual, self.attn_scales[layer])
-            residual = residual + self.parts.attention[layer](x, self.patterns[layer])
-            m = self.parts.mlp_norms[layer](residual, self.mlp_scales[layer])
+            attention, pattern = parts.attention[layer], self.patterns[layer]
+            if parts.post_norm:
+                m = parts.attn_norms[layer](
+                    residual + attention(residual, pattern), self.attn_scales[layer]
+                )
+                inputs.append(m)
+                residual = parts.mlp_norms[layer](m + mlp(layer, m), self.mlp_scales[layer])
+                continue
+            x = parts.attn_norms[layer](residual, self.attn_scales[layer])
+            residual = residual + attention(x, pattern)
+            m = parts.mlp_norms[layer](residual, self.mlp_scales[layer])
             inputs.append(m)
             residual = residual + mlp(layer, m)
-        final = self.parts.final_norm(residual, self.final_scale)
+        if parts.head is not None and self.head_gate is not None:
+            residual = parts.head.pre(residual) * self.head_gate
+        final = parts.final_norm(residual, self.final_scale)
         return ReplacementPass(mlp_inputs=inputs, final=final)
 
     def forward(
@@ -498,22 +620,42 @@ def build_replacement(
     check_transcoders(handle, transcoders)
     ids = tokenize(handle, prompt)
     device = torch.device(handle.device)
+    stack = stack_of(handle)
     with handle.lock:
         outputs, cache = run_with_cache(
             handle,
             {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]},
             sites=["resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post"],
-            stacks="decoder",
+            stacks=stack,
         )
     n_layers = handle.n_layers
 
     def site(name: str) -> Tensor:  # (n_layers, T, d)
-        return torch.stack([cache[f"decoder.{i}.{name}"][0].float() for i in range(n_layers)])
+        return torch.stack([cache[f"{stack}.{i}.{name}"][0].float() for i in range(n_layers)])
 
     resid_pre, attn_out = site("resid_pre"), site("attn_out")
     mlp_in, mlp_out = site("mlp_in"), site("mlp_out")
-    last = cache[f"decoder.{n_layers - 1}.resid_post"][0].float()
-    patterns = cache.attention("decoder")[:, 0].float()  # (n_layers, heads, T, T)
+    last = cache[f"{stack}.{n_layers - 1}.resid_post"][0].float()
+    patterns = cache.attention(stack)[:, 0].float()  # (n_layers, heads, T, T)
+    if parts.post_norm:  # each norm reads the residual after its sublayer's add
+        attn_scales = [
+            parts.attn_norms[i].scale(resid_pre[i] + attn_out[i]) for i in range(n_layers)
+        ]
+        mlp_scales = [parts.mlp_norms[i].scale(mlp_in[i] + mlp_out[i]) for i in range(n_layers)]
+    else:
+        attn_scales = [parts.attn_norms[i].scale(resid_pre[i]) for i in range(n_layers)]
+        mlp_scales = [parts.mlp_norms[i].scale(resid_pre[i] + attn_out[i]) for i in range(n_layers)]
+    embedding_scale = head_gate = None
+    if parts.embedding_norm is not None:
+        table = parts.position_embedding
+        raw = parts.embedding[ids.to(parts.embedding.device)]
+        if table is not None:
+            raw = raw + table[: ids.numel()]
+        embedding_scale = parts.embedding_norm.scale(raw)
+    if parts.head is not None:
+        pre = parts.head.pre(last)
+        head_gate = parts.head.gate(pre)
+        last = pre * head_gate
 
     folded = {layer: _moved(transcoders.folded(layer), device) for layer in transcoders.layers}
     replacement = ReplacementModel(
@@ -523,8 +665,8 @@ def build_replacement(
         token_strings=[handle.tokenizer.decode([int(i)]) for i in ids],
         parts=parts,
         patterns=list(patterns),
-        attn_scales=[parts.attn_norms[i].scale(resid_pre[i]) for i in range(n_layers)],
-        mlp_scales=[parts.mlp_norms[i].scale(resid_pre[i] + attn_out[i]) for i in range(n_layers)],
+        attn_scales=attn_scales,
+        mlp_scales=mlp_scales,
         final_scale=parts.final_norm.scale(last),
         mlp_in=mlp_in,
         mlp_out=mlp_out,
@@ -533,6 +675,8 @@ def build_replacement(
         pre_activations={},
         activations={},
         errors=mlp_out,  # replaced just below, once the predictions can be made
+        embedding_scale=embedding_scale,
+        head_gate=head_gate,
     )
     for layer in folded:
         pre = replacement.encode(layer, mlp_in[layer])

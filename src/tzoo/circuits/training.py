@@ -494,8 +494,10 @@ class LayerEvaluation:
 @dataclass(frozen=True)
 class TranscoderEvaluation:
     layers: list[LayerEvaluation]
-    next_token_agreement: float  # replacement model's argmax == the real model's
-    kl: float  # mean KL(real || replacement) in nats per position
+    # The replacement model's argmax == the real model's (a masked-LM's prediction at each
+    # position for an encoder); None with KL for a model without a head (no logits).
+    next_token_agreement: float | None
+    kl: float | None  # mean KL(real || replacement) in nats per position
     n_tokens: int  # positions evaluated (position 0 of each window left out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -543,9 +545,12 @@ def evaluate_transcoders(
             outputs={i: _flat(cache[config.hook_out(i)], skip) for i in config.layers},
         )
         totals.add_reconstruction(transcoders, batch)
+        real = getattr(outputs, "logits", None)
+        if real is None:  # a bare encoder: nothing to compare
+            continue
         with patch(handle, _replacement_fns(transcoders)):
             replaced = handle.model(input_ids=ids, use_cache=False).logits
-        totals.add_logits(outputs.logits[:, skip:].float(), replaced[:, skip:].float())
+        totals.add_logits(real[:, skip:].float(), replaced[:, skip:].float())
     return totals.result()
 
 
@@ -627,7 +632,7 @@ class _Totals:
             )
         return TranscoderEvaluation(
             layers=rows,
-            next_token_agreement=self.agree / max(1, self.positions),
-            kl=self.kl / max(1, self.positions),
+            next_token_agreement=self.agree / self.positions if self.positions else None,
+            kl=self.kl / self.positions if self.positions else None,
             n_tokens=self.n,
         )

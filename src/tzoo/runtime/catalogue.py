@@ -96,6 +96,13 @@ def _builtin_specs() -> list[ModelSpec]:
             ("tiny",),
         ),
         ModelSpec(
+            "tiny-bert-mlm",
+            "Tiny random BERT encoder with a masked-LM head (2 layers, 4 heads)",
+            "encoder",
+            TinySource("bert-mlm"),
+            ("tiny",),
+        ),
+        ModelSpec(
             "tiny-t5",
             "Tiny random T5 encoder-decoder (2 + 2 layers, 4 heads)",
             "encoder-decoder",

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     BertConfig,
     GPT2Config,
@@ -34,15 +35,16 @@ _MAX_POSITIONS = 1024
 class TinyRecipe:
     """How to build one tiny model: its specials, config and model class."""
 
-    family: str  # gpt2 | llama | bert | t5
+    family: str  # gpt2 | llama | bert | t5: the tokenizer and config
     specials: tuple[str, ...]
     make_config: Callable[[dict[str, int]], PretrainedConfig]
     auto_class: Any
 
 
-def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer whose special tokens and template match ``family``."""
-    recipe = TINY_RECIPES[family]
+def build_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer whose special tokens and template match recipe ``name``."""
+    recipe = TINY_RECIPES[name]
+    family = recipe.family
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(recipe.specials)}
     for symbol in sorted(alphabet):
@@ -141,10 +143,13 @@ def _t5(ids: dict[str, int]) -> PretrainedConfig:
     )
 
 
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TINY_RECIPES: dict[str, TinyRecipe] = {
     "gpt2": TinyRecipe("gpt2", ("<|endoftext|>",), _gpt2, AutoModelForCausalLM),
     "llama": TinyRecipe("llama", ("<unk>", "<s>", "</s>"), _llama, AutoModelForCausalLM),
-    "bert": TinyRecipe("bert", ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"), _bert, AutoModel),
+    "bert": TinyRecipe("bert", _BERT_SPECIALS, _bert, AutoModel),
+    # The same encoder with a masked-LM head: logits to attribute (circuits on encoders).
+    "bert-mlm": TinyRecipe("bert", _BERT_SPECIALS, _bert, AutoModelForMaskedLM),
     "t5": TinyRecipe("t5", ("<pad>", "</s>", "<unk>"), _t5, AutoModelForSeq2SeqLM),
 }
 
@@ -175,5 +180,7 @@ def build_model(family: str, *, seed: int = TINY_SEED) -> PreTrainedModel:
 
 
 def _architecture_name(recipe: TinyRecipe, config: PretrainedConfig) -> str:
+    if recipe.auto_class is AutoModelForMaskedLM:
+        return "BertForMaskedLM"
     names = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel"}
     return names.get(recipe.family, "T5ForConditionalGeneration")

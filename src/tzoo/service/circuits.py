@@ -310,7 +310,7 @@ class GraphRequest:
     model_name: str
     transcoders: str | None
     prompt: str
-    target_position: int = -1
+    target_position: int | None = None  # None: the last token, or an encoder's mask
     node_threshold: float = DEFAULT_NODE_THRESHOLD
     edge_threshold: float = DEFAULT_EDGE_THRESHOLD
     max_feature_nodes: int = DEFAULT_MAX_FEATURE_NODES
@@ -332,14 +332,16 @@ def canonical_model_name(settings: Settings, model_name: str) -> str:
     return resolve(model_name, hub_offline=settings.hub_offline).name
 
 
-def check_decoder(settings: Settings, model_name: str) -> str:
+def check_traceable(settings: Settings, model_name: str) -> str:
     """The catalogue name of ``model_name`` (UnknownModelError when there is none), refusing
-    encoders before anything loads."""
+    encoder-decoders before anything loads (an encoder without a head is refused once
+    loaded, by ``linear_parts``)."""
     spec = resolve(model_name, hub_offline=settings.hub_offline)
-    if spec.architecture in ("encoder", "encoder-decoder"):
+    if spec.architecture == "encoder-decoder":
         raise ReplacementUnsupportedError(
-            f"Attribution graphs need a decoder-only language model; {spec.name!r} is an "
-            f"{spec.architecture}, which has no next-token logits to attribute."
+            f"Attribution graphs need a decoder-only model or an encoder with a masked-LM "
+            f"head; {spec.name!r} is an encoder-decoder, whose decoder reads the encoder "
+            "through cross-attention, a second stream the replacement model does not trace."
         )
     return spec.name
 
@@ -348,7 +350,8 @@ def compute_graph(manager: ModelManager, settings: Settings, request: GraphReque
     """Attribute ``request.prompt`` with the chosen transcoders, prune it, and encode it.
 
     Holds the model exclusively meanwhile (attribution installs hooks). Raises
-    UnknownModelError, ReplacementUnsupportedError (encoders), TranscodersNotTrainedError,
+    UnknownModelError, ReplacementUnsupportedError (encoder-decoders, encoders without a
+    head), TranscodersNotTrainedError,
     UnknownTranscodersError, EmptyInputError, InputTooLongError and GraphRequestError."""
     for name, value in (
         ("node_threshold", request.node_threshold),
@@ -356,7 +359,7 @@ def compute_graph(manager: ModelManager, settings: Settings, request: GraphReque
     ):
         if not 0.0 <= value <= 1.0:
             raise GraphRequestError(f"{name} must lie in 0..1; got {value}.")
-    model_name = check_decoder(settings, request.model_name)
+    model_name = check_traceable(settings, request.model_name)
     info = find_transcoder_set(settings, model_name, request.transcoders)
     with manager.use(model_name, exclusive=True) as handle:
         transcoders = LOADED_TRANSCODERS.get(info, handle)
@@ -364,7 +367,8 @@ def compute_graph(manager: ModelManager, settings: Settings, request: GraphReque
         if n_tokens > request.max_prompt_tokens:
             raise InputTooLongError(n_tokens, request.max_prompt_tokens, "the graph prompt limit")
         try:
-            resolve_position(request.target_position, n_tokens)
+            if request.target_position is not None:
+                resolve_position(request.target_position, n_tokens)
             graph = attribute(
                 handle,
                 transcoders,

@@ -101,7 +101,11 @@ class GraphCreate(BaseModel):
         description="A transcoder set id from GET /api/transcoders; empty: the model's first",
     )
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["The capital of"])
-    target_position: int = Field(-1, description="Where the logits are read; -1 the last token")
+    target_position: int | None = Field(
+        None,
+        description="Where the logits are read (negative: from the end); default the last "
+        "token, or an encoder's first mask token",
+    )
     node_threshold: Threshold = DEFAULT_NODE_THRESHOLD
     edge_threshold: Threshold = DEFAULT_EDGE_THRESHOLD
     max_feature_nodes: int = Field(DEFAULT_MAX_FEATURE_NODES, ge=0, le=MAX_FEATURE_NODES)

@@ -54,7 +54,10 @@ export function startForm() {
       model_name: String(data.get("model_name")),
       transcoders: String(data.get("transcoders") || "") || null,
       prompt,
-      target_position: Math.trunc(number("target_position")),
+      // Empty: the server picks (the last token, or an encoder's mask).
+      target_position: String(data.get("target_position") ?? "").trim()
+        ? Math.trunc(number("target_position"))
+        : null,
       node_threshold: number("node_threshold"),
       edge_threshold: number("edge_threshold"),
       max_feature_nodes: Math.trunc(number("max_feature_nodes")),
