@@ -30,7 +30,7 @@ from tzoo.circuits.replacement import build_replacement, stack_of
 from tzoo.circuits.transcoders import TranscoderConfig, TranscoderSet
 from tzoo.runtime.handle import ModelHandle
 from tzoo.service.circuits import DASHBOARD_OPTIONS, LOADED_TRANSCODERS, find_transcoder_set
-from tzoo.store.artefacts import get_artefact, load_arrays
+from tzoo.store.artefacts import get_artefact, list_artefacts, load_arrays
 from tzoo.web.app import create_app
 from tzoo.web.tools import TOOLS
 
@@ -375,12 +375,27 @@ def test_dashboard_equals_build_dashboards_for_that_feature(
     expected = build_dashboards(
         handle, transcoders, shipped_corpus(), features={layer: [feature]}, **DASHBOARD_OPTIONS
     )[(layer, feature)]
-    assert response.json() == json.loads(json.dumps(expected.to_dict()))
-    assert response.json()["n_active"] > 0 and response.json()["top_contexts"]
-    # Cached: a second request is answered from the result cache.
-    entries = len(app.state.result_cache)
+    got = response.json()
+    slug, source = got.pop("slug"), got.pop("source")
+    assert got == json.loads(json.dumps(expected.to_dict()))
+    assert got["n_active"] > 0 and got["top_contexts"]
+    assert source["transcoders"] == SET_ID and source["corpus"] == "shipped"
+    # Stored once as an artefact, compactly: the second request finds it, nothing new is
+    # stored, and the permalink gives the same dashboard.
+    with app.state.session_factory() as session:
+        stored = get_artefact(session, slug)
+        assert stored is not None and stored.kind == "feature_dashboard"
+        assert stored.blob_bytes < len(json.dumps(got)) / 2
+        before = len(list_artefacts(session, kind="feature_dashboard"))
     assert client.get(url).json() == response.json()
-    assert len(app.state.result_cache) == entries
+    with app.state.session_factory() as session:
+        assert len(list_artefacts(session, kind="feature_dashboard")) == before
+    permalink = client.get(f"/api/features/{slug}")
+    assert permalink.status_code == 200 and permalink.json() == response.json()
+    page = client.get(f"/features/{slug}")
+    assert page.status_code == 200 and f"Feature L{layer} #{feature}" in page.text
+    assert client.get("/api/features/nope").status_code == 404
+    assert client.get(f"/features/{graph_slug}").status_code == 404  # a graph, not a dashboard
     # Features the set does not have.
     missing = client.get(f"/api/graphs/{graph_slug}/features/5/0")
     assert missing.status_code == 404 and "layer 5" in missing.json()["detail"]

@@ -224,6 +224,38 @@ def test_slug_taken_by_a_concurrent_writer_is_replaced(
         assert {a.slug for a in list_artefacts(session)} == {"RacedSlug01", "FreshSlug02"}
 
 
+def test_keyed_artefacts_are_found_by_kind_and_key(session: Session) -> None:
+    first = make(session, kind="feature_dashboard", lookup_key="k" * 64)
+    make(session, kind="other_kind", lookup_key="k" * 64)  # unique per kind only
+    make(session)  # no key: never collides with another keyless artefact
+    make(session)
+    found = artefacts_module.find_artefact(session, "feature_dashboard", "k" * 64)
+    assert found is not None and found.slug == first.slug
+    assert load_arrays(found).keys() == load_arrays(first).keys()
+    assert artefacts_module.find_artefact(session, "feature_dashboard", "nope") is None
+    with pytest.raises(ValueError, match="lookup_key"):
+        make(session, lookup_key="x" * 65)
+
+
+def test_a_key_stored_by_a_concurrent_writer_returns_that_artefact(engine: Engine) -> None:
+    """Two writers build the same keyed result: the second insert hits the unique index
+    and gets the first writer's artefact instead of an error or a duplicate."""
+    Factory = session_factory(engine)
+    with Factory() as session:
+
+        def other_writer_inserts_first(*_: object) -> None:
+            with Factory() as other:
+                make(other, kind="feature_dashboard", lookup_key="race", input_text="first")
+
+        event.listen(session, "before_flush", other_writer_inserts_first, once=True)
+        got = make(session, kind="feature_dashboard", lookup_key="race", input_text="second")
+    assert got.input_text == "first"
+    with Factory() as session:
+        assert [a.input_text for a in list_artefacts(session, kind="feature_dashboard")] == [
+            "first"
+        ]
+
+
 def make_raw(session: Session, slug: str) -> None:
     session.add(
         Artefact(

@@ -859,7 +859,7 @@ class _Histogram:
         if not counts:
             return Histogram([], [])
         step = float(self.width[column]) * (_FINE_BINS // bins)
-        return Histogram(_rounded([step * i for i in range(len(counts) + 1)]), counts)
+        return Histogram(round_significant([step * i for i in range(len(counts) + 1)]), counts)
 
     def quantile_edges(self, quantiles: int, maxima: Tensor) -> Tensor:
         """(F, quantiles + 1) edges cutting each feature's active tokens into bins of about
@@ -961,7 +961,7 @@ class _LayerState:
             count = n_active[column]
             quantiles = []
             if self.edges is not None:
-                edges = _rounded(self.edges[column].tolist())
+                edges = round_significant(self.edges[column].tolist())
                 for j, reservoir in enumerate(self.bins):
                     contexts = reservoir.contexts(column, table)
                     contexts.sort(key=lambda c: -c.activation)
@@ -1011,7 +1011,7 @@ def _context(
         index=sum(1 for i in keep if i < centre),
         tokens=table.tokens(token_ids),
         token_ids=token_ids,
-        activations=_rounded([act_list[i] for i in keep]),
+        activations=round_significant([act_list[i] for i in keep]),
     )
 
 
@@ -1094,7 +1094,7 @@ def _token_logits(values: Tensor, ids: Tensor, table: _TokenTable) -> list[Token
     return [
         TokenLogit(token, token_id, value)
         for token, token_id, value in zip(
-            table.tokens(id_list), id_list, _rounded(values.tolist()), strict=True
+            table.tokens(id_list), id_list, round_significant(values.tolist()), strict=True
         )
     ]
 
@@ -1102,7 +1102,7 @@ def _token_logits(values: Tensor, ids: Tensor, table: _TokenTable) -> list[Token
 # -- rounding -------------------------------------------------------------------------------
 
 
-def _rounded(values: Sequence[float]) -> list[float]:
+def round_significant(values: Sequence[float]) -> list[float]:
     """``values`` to ``DIGITS`` significant digits."""
     x = np.asarray(values, dtype=np.float64)
     if not x.size:
@@ -1113,4 +1113,4 @@ def _rounded(values: Sequence[float]) -> list[float]:
 
 
 def _round1(value: float) -> float:
-    return _rounded([value])[0]
+    return round_significant([value])[0]

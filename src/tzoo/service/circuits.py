@@ -94,6 +94,7 @@ from tzoo.config import Settings
 from tzoo.runtime.catalogue import resolve
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.dashboards import dashboard_key, dashboard_of, store_dashboard, stored_dashboard
 from tzoo.service.result_cache import CachedResult, ResultCache, cache_key
 from tzoo.store.artefacts import create_artefact, delete_artefact, list_artefacts, load_arrays
 from tzoo.store.models import Artefact
@@ -974,26 +975,37 @@ def feature_dashboard(
     feature: int,
     *,
     texts: Sequence[str] | None = None,
+    session: Session | None = None,
 ) -> dict[str, Any]:
     """The dashboard of feature ``feature`` of ``layer`` over ``texts`` (default the
-    shipped corpus), built with ``DASHBOARD_OPTIONS`` and kept in the result cache."""
+    shipped corpus), built with ``DASHBOARD_OPTIONS``. With a ``session`` it is stored as
+    an artefact (once per feature, set and corpus; see ``service.dashboards``) and comes
+    with its ``slug``; without one it is kept in the result cache."""
     from tzoo.analyses.corpus import shipped_corpus
 
     check_feature(graph, layer, feature)
     info, used = _graph_transcoders(settings, graph)
     corpus = list(texts) if texts is not None else shipped_corpus()
-    key = cache_key(
-        "feature_dashboard",
-        graph.model_name,
-        transcoders=used["id"],
-        fingerprint=used["fingerprint"],
-        layer=layer,
-        feature=feature,
-        corpus=hashlib.sha256("\x00".join(corpus).encode()).hexdigest(),
-        options=DASHBOARD_OPTIONS,
-        version=DASHBOARD_VERSION,
-    )
-    cached = cache.get(key)
+    source = {
+        "transcoders": used["id"],
+        "fingerprint": used["fingerprint"],
+        "corpus": "shipped" if texts is None else "given",
+        "corpus_sha256": hashlib.sha256("\x00".join(corpus).encode()).hexdigest(),
+    }
+    what = {
+        "model": graph.model_name,
+        "layer": layer,
+        "feature": feature,
+        "options": DASHBOARD_OPTIONS,
+        "version": DASHBOARD_VERSION,
+        **source,
+    }
+    if session is not None:
+        stored = stored_dashboard(session, dashboard_key(**what))
+        if stored is not None:
+            return dashboard_of(stored)
+    key = cache_key("feature_dashboard", graph.model_name, what=what)
+    cached = cache.get(key) if session is None else None
     if cached is not None:
         return cached.meta
     with manager.use(graph.model_name, exclusive=True) as handle:
@@ -1005,6 +1017,8 @@ def feature_dashboard(
         except FeaturesMismatchError as error:
             raise GraphRequestError(str(error)) from None
     result = dashboards[(layer, feature)].to_dict()
+    if session is not None:
+        return dashboard_of(store_dashboard(session, dashboard_key(**what), result, source))
     cache.set(key, CachedResult(result, {}))
     return result
 

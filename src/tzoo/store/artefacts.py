@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, undefer
 from tzoo.store.codec import Precision, decode_arrays, encode_arrays
 from tzoo.store.models import (
     KIND_MAX_LENGTH,
+    LOOKUP_KEY_LENGTH,
     MODEL_NAME_MAX_LENGTH,
     PART_NAME_MAX_LENGTH,
     SLUG_LENGTH,
@@ -52,6 +53,7 @@ def create_artefact(
     owner: str | None = None,
     visibility: str = "public",
     parts: dict[str, dict[str, np.ndarray]] | None = None,
+    lookup_key: str | None = None,
 ) -> Artefact:
     """Encode ``arrays`` (see :mod:`tzoo.store.codec`), store them with a fresh slug, commit.
 
@@ -59,8 +61,14 @@ def create_artefact(
     already taken is replaced by a new one, both when seen before the insert and when
     another writer takes it at the same moment (unique index violation; the session is
     rolled back and the insert retried, so pass a session with no other pending work).
+
+    ``lookup_key``: a content key, unique per kind (``find_artefact``). When an artefact
+    of this kind already has it (another writer stored the same result first), that one
+    is returned and nothing new is stored.
     """
     _check_kind(kind)
+    if lookup_key is not None and not 0 < len(lookup_key) <= LOOKUP_KEY_LENGTH:
+        raise ValueError(f"lookup_key must be 1 to {LOOKUP_KEY_LENGTH} characters")
     _check_visibility(visibility)
     if not model_name or len(model_name) > MODEL_NAME_MAX_LENGTH:
         raise ValueError(
@@ -86,6 +94,7 @@ def create_artefact(
             blob_bytes=len(blob),
             owner=owner,
             visibility=visibility,
+            lookup_key=lookup_key,
             parts=[
                 ArtefactPart(name=name, blob=part_blob, blob_bytes=len(part_blob))
                 for name, part_blob in encoded_parts.items()
@@ -96,6 +105,10 @@ def create_artefact(
             session.commit()
         except IntegrityError:
             session.rollback()
+            if lookup_key is not None:
+                existing = find_artefact(session, kind, lookup_key)
+                if existing is not None:
+                    return existing
             if not _slug_taken(session, slug):
                 raise  # some other constraint failed: not ours to retry
             continue
@@ -107,6 +120,15 @@ def get_artefact(session: Session, slug: str) -> Artefact | None:
     """The artefact with this slug, arrays included, or None."""
     return session.scalar(
         select(Artefact).where(Artefact.slug == slug).options(undefer(Artefact.blob))
+    )
+
+
+def find_artefact(session: Session, kind: str, lookup_key: str) -> Artefact | None:
+    """The artefact of ``kind`` stored with ``lookup_key``, arrays included, or None."""
+    return session.scalar(
+        select(Artefact)
+        .where(Artefact.kind == kind, Artefact.lookup_key == lookup_key)
+        .options(undefer(Artefact.blob))
     )
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -34,6 +35,7 @@ VISIBILITIES: tuple[str, ...] = get_args(Visibility)
 
 SLUG_LENGTH = 11
 KIND_MAX_LENGTH = 64
+LOOKUP_KEY_LENGTH = 64  # a sha256 in hex
 MODEL_NAME_MAX_LENGTH = 255
 
 # Stable constraint names, so later migrations (batch mode on SQLite) can refer to them.
@@ -86,6 +88,7 @@ class Artefact(Base):
         CheckConstraint(
             "visibility IN ('public', 'unlisted', 'private')", name="visibility_allowed"
         ),
+        Index("ix_artefacts_kind_lookup_key", "kind", "lookup_key", unique=True),
     )
     # Load server-side defaults (created_at) right after INSERT, via RETURNING.
     __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
@@ -104,6 +107,9 @@ class Artefact(Base):
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), server_default=func.now(), index=True
     )
+    # A content key (e.g. a hash of what a dashboard was built from), unique per kind, for
+    # results that are stored once and found again; None for most artefacts.
+    lookup_key: Mapped[str | None] = mapped_column(String(LOOKUP_KEY_LENGTH), nullable=True)
 
     parts: Mapped[list[ArtefactPart]] = relationship(
         back_populates="artefact", cascade="all, delete-orphan", passive_deletes=True

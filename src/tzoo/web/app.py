@@ -32,6 +32,7 @@ from tzoo.web.routes import (
     auth,
     circuits,
     docs,
+    features,
     health,
     lens_pages,
     lens_service,
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         visualizations,
         wheel,
         circuits,
+        features,
     ):
         app.include_router(module.router)
     for extra in (
@@ -136,6 +138,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         lens_service.sockets,
         lens_pages.router,
         circuits.pages,
+        features.pages,
     ):
         app.include_router(extra)
     return app

@@ -456,9 +456,12 @@ def dashboard(
 ) -> dict[str, Any]:
     """The dashboard of feature ``index`` of ``layer`` of the graph's transcoder set over
     the shipped corpus: top contexts with per-token activations, activation quantiles,
-    top and bottom logits, histogram, frequency (computed once, then cached)."""
+    top and bottom logits, histogram, frequency. Computed once, then stored as an artefact
+    whose ``slug`` gives its permalink (``/features/{slug}``)."""
     graph = _stored(_visible_graph(session, slug, user))
-    return feature_dashboard(manager, request.app.state.result_cache, settings, graph, layer, index)
+    return feature_dashboard(
+        manager, request.app.state.result_cache, settings, graph, layer, index, session=session
+    )
 
 
 @router.post("/graphs/{slug}/interventions", responses=_ERRORS)

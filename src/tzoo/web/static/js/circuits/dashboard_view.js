@@ -56,8 +56,11 @@ export function contextLine(context, scale) {
   return line;
 }
 
-/** The dashboard as DOM. */
-export function renderDashboard(dashboard) {
+/**
+ * The dashboard as DOM; a stored one (with a ``slug``) links to its permalink unless
+ * ``permalink`` is false (on that page itself).
+ */
+export function renderDashboard(dashboard, { permalink = true } = {}) {
   const scale = dashboard.max_activation || 0;
   const facts = el("dl", { class: "cg-facts" },
     el("dt", { text: "Frequency" }), el("dd", { text: `${percent(dashboard.frequency, 2)} of tokens` }),
@@ -68,7 +71,14 @@ export function renderDashboard(dashboard) {
     ? el("div", { class: "cg-contexts" }, dashboard.top_contexts.map((c) => contextLine(c, scale)))
     : el("p", { class: "muted", text: "No activating contexts in the corpus." });
   const quantiles = (dashboard.quantiles || []).filter((q) => q.contexts.length);
+  const link = permalink && dashboard.slug
+    ? el("p", { class: "cg-note" }, el("a", {
+      class: "cg-dashboard-link", href: `/features/${encodeURIComponent(dashboard.slug)}`,
+      text: "Permalink to this dashboard",
+    }))
+    : null;
   return el("div", { class: "cg-dashboard-body" },
+    link,
     facts,
     el("h4", { text: "Activations" }),
     histogram(dashboard.histogram),
