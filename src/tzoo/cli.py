@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -402,8 +403,11 @@ def _lens_corpus(
     return split_corpus(corpus, heldout, seed)
 
 
-def _train_lens_with_bar(handle: Any, train: list[str], *, bf16: bool, **options: Any) -> Any:
-    import torch
+@contextmanager
+def _training_bar(fields: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """A rich bar for a training loop: steps done of the total, ``fields`` (a format string
+    over the names given to the update function), time elapsed and left. Yields
+    ``update(step, total=None, **values)``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -413,21 +417,36 @@ def _train_lens_with_bar(handle: Any, train: list[str], *, bf16: bool, **options
         TimeRemainingColumn,
     )
 
-    from tzoo.analyses.tuned_lens import train_tuned_lens
-
+    names = [name for _, name, _, _ in string.Formatter().parse(fields) if name]
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("KL {task.fields[loss]}"),
+        TextColumn(fields.replace("{", "{task.fields[").replace("}", "]}")),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("Training", total=options["steps"], loss="…")
+        blank: dict[str, Any] = dict.fromkeys(names, "…")
+        task = bar.add_task("Training", total=total, **blank)
+
+        def update(step: int, total: int | None = None, **values: Any) -> None:
+            if total:
+                values["total"] = total
+            bar.update(task, completed=step, **values)
+
+        yield update
+
+
+def _train_lens_with_bar(handle: Any, train: list[str], *, bf16: bool, **options: Any) -> Any:
+    import torch
+
+    from tzoo.analyses.tuned_lens import train_tuned_lens
+
+    with _training_bar("KL {loss}", total=options["steps"]) as update:
 
         def progress(step: int, total: int, loss: float) -> None:
-            bar.update(task, completed=step, loss=f"{loss:.3f}")
+            update(step, loss=f"{loss:.3f}")
 
         return train_tuned_lens(
             handle,
@@ -654,33 +673,14 @@ def _transcoder_config(
 
 
 def _train_transcoders_with_bar(handle: Any, config: Any, train: list[str], **options: Any) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from tzoo.circuits.training import StepStats, train_transcoders
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  L0 {task.fields[l0]}  dead {task.fields[dead]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("Training", total=None, loss="…", l0="…", dead="…")
+    with _training_bar("loss {loss}  L0 {l0}  dead {dead}") as update:
 
         def progress(stats: StepStats) -> None:
-            bar.update(
-                task,
+            update(
+                stats.step,
                 total=stats.steps,
-                completed=stats.step,
                 loss=f"{stats.loss:.2f}",
                 l0=f"{stats.mean_l0:.1f}",
                 dead=f"{stats.mean_dead_fraction:.1%}",
