@@ -215,9 +215,12 @@ def token_windows(tokenizer: Any, docs: Sequence[str], seq_len: int) -> Tensor:
     return torch.tensor(stream[: n * length]).view(n, length)
 
 
-def _window_order(seed: int, n_windows: int) -> Callable[[int, int], list[int]]:
-    """``batch(step, size)``: the windows of a step; each epoch is a fresh permutation
-    drawn from (seed, epoch), so any step's batch is known without replaying the run."""
+def window_order(seed: int, n_windows: int) -> Callable[[int, int], list[int]]:
+    """``batch(step, size)``: the windows of a training step. Each pass over the windows is
+    a fresh permutation drawn from (seed, epoch), so any step's batch is known without
+    replaying the run (what makes a resumed run take the very same steps)."""
+    if n_windows < 1:
+        raise ValueError("There are no token windows to train on.")
     epochs: dict[int, list[int]] = {}
 
     def permutation(epoch: int) -> list[int]:
@@ -297,7 +300,7 @@ def train_tuned_lens(
     lens = TunedLens.for_model(handle).to(device)
     optimizer = torch.optim.Adam(lens.parameters(), lr=lr)
     windows = token_windows(handle.tokenizer, corpus_train, seq_len)
-    batch_of = _window_order(seed, windows.shape[0])
+    batch_of = window_order(seed, windows.shape[0])
     start, losses = 0, list[float]()  # steps done, the loss of each
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if resume and checkpoint is not None and checkpoint.is_file():

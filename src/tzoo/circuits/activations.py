@@ -18,7 +18,7 @@ Nothing is held beyond one batch: ``stream_mlp_pairs`` yields batch after batch,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,24 +139,3 @@ def mean_norms(batches: Iterable[MLPBatch]) -> tuple[dict[int, float], dict[int,
         {layer: total / count for layer, total in sums_in.items()},
         {layer: total / count for layer, total in sums_out.items()},
     )
-
-
-def window_order(seed: int, n_windows: int) -> Callable[[int, int], list[int]]:
-    """``batch(step, size)``: the windows of a training step. Each pass over the windows is
-    a fresh permutation drawn from (seed, epoch), so any step's batch is known without
-    replaying the run (what makes a resumed run take the very same steps)."""
-    if n_windows < 1:
-        raise ValueError("There are no token windows to train on.")
-    epochs: dict[int, list[int]] = {}
-
-    def permutation(epoch: int) -> list[int]:
-        if epoch not in epochs:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            epochs[epoch] = torch.randperm(n_windows, generator=generator).tolist()
-        return epochs[epoch]
-
-    def batch(step: int, size: int) -> list[int]:
-        first = step * size
-        return [permutation(j // n_windows)[j % n_windows] for j in range(first, first + size)]
-
-    return batch

@@ -23,7 +23,7 @@ thresholds are clamped at 0 after every step (a negative threshold would let neg
 pre-activations through).
 
 Steps: each takes ``batch_tokens / seq_len`` windows in an order fixed by the seed
-(``activations.window_order``), so a run resumed from its checkpoint (weights, Adam state,
+(``tuned_lens.window_order``), so a run resumed from its checkpoint (weights, Adam state,
 dead-feature counters, history) takes exactly the steps of a run never interrupted.
 
 Dead features (``DeadFeatureTracker``): a feature is dead when it has not fired on any of
@@ -48,14 +48,13 @@ from typing import Any
 
 import torch
 
-from tzoo.analyses.tuned_lens import token_windows
+from tzoo.analyses.tuned_lens import token_windows, window_order
 from tzoo.circuits.activations import (
     SKIPPED_POSITIONS,
     MLPBatch,
     collect_mlp_pairs,
     mean_norms,
     stream_mlp_pairs,
-    window_order,
 )
 from tzoo.circuits.transcoders import TranscoderConfig, TranscoderSet
 from tzoo.runtime.handle import ModelHandle
