@@ -1,45 +1,14 @@
 // How tokens and numbers read on the lens page. Token strings arrive decoded (" Paris",
 // "\n"); on labels their invisible characters get visible stand-ins.
 
-const STAND_INS = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
-const SPOKEN = { " ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return" };
+import { shortToken as shortWheelToken } from "tzoo/wheel/format.js";
 
-/**
- * A token as a label: a leading space becomes "␣", newlines "↵", tabs "⇥"; a token of
- * only whitespace shows every character; the empty token shows "∅".
- * @param {string} text
- */
-export function visibleToken(text) {
-  const raw = String(text ?? "");
-  if (raw === "") return "∅";
-  if (raw.trim() === "") return Array.from(raw, (ch) => STAND_INS[ch] ?? ch).join("");
-  const lead = raw.startsWith(" ") ? "␣" + raw.slice(1) : raw;
-  return lead.replace(/[\n\t\r]/g, (ch) => STAND_INS[ch]);
-}
+// Tokens and probabilities read as on the wheel pages.
+export { percent, spokenToken, visibleToken } from "tzoo/wheel/format.js";
 
-/** `visibleToken`, cut with an ellipsis past `max` characters. */
+/** `visibleToken`, cut with an ellipsis past `max` characters (heat-map cells are narrow). */
 export function shortToken(text, max = 8) {
-  const chars = Array.from(visibleToken(text));
-  return chars.length > max ? chars.slice(0, max - 1).join("") + "…" : chars.join("");
-}
-
-/** A token for a screen reader: its text in quotes, or the names of its whitespace. */
-export function spokenToken(text) {
-  const raw = String(text ?? "");
-  if (raw === "") return "empty token";
-  if (raw.trim() !== "") return `'${raw.replace(/\n/g, "↵")}'`;
-  return Array.from(raw, (ch) => SPOKEN[ch] || "whitespace").join(" ");
-}
-
-/**
- * A probability as a percentage: one decimal, two below 1 %, "<0.01%" below that.
- * @param {number} p probability in 0..1
- */
-export function percent(p) {
-  const value = Number(p) * 100;
-  if (!Number.isFinite(value)) return "–";
-  if (value > 0 && value < 0.01) return "<0.01%";
-  return `${value.toFixed(value < 1 ? 2 : 1)}%`;
+  return shortWheelToken(text, max);
 }
 
 /** A quantity in nats: two decimals, one from 100 on ("–" when not a number). */
