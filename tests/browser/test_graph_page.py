@@ -224,6 +224,8 @@ def test_clicking_a_node_opens_its_dashboard(
     assert page.locator(".cg-histogram-bar").count() == len(dashboard["histogram"]["counts"])
     assert page.locator(".cg-logit-list.top li").count() == len(dashboard["top_logits"])
     assert page.locator(".cg-logit-list.bottom li").count() == len(dashboard["bottom_logits"])
+    link = page.locator("#cg-dashboard-body .cg-dashboard-link")
+    assert link.get_attribute("href") == f"/features/{dashboard['slug']}"
     # The links listed are buttons that select the other end.
     page.locator("#cg-node-in .cg-link-button").first.click()
     assert page.locator("#cg-node-title").text_content() != title
@@ -235,6 +237,15 @@ def test_clicking_a_node_opens_its_dashboard(
     assert page.locator(f'.cg-node[data-id="{focused}"]').get_attribute("aria-pressed") == "true"
     page.keyboard.press("Escape")
     assert page.locator("#cg-node-details").is_hidden()
+    assert_local(page, server)
+
+    # The dashboard was stored: its permalink opens a page of its own with the same numbers.
+    page.goto(f"{server}/features/{dashboard['slug']}")
+    page.wait_for_selector("section[data-state=ready]", timeout=30_000)
+    assert page.locator("h1").text_content() == f"Feature L{info['layer']} #{info['feature']}"
+    assert page.locator(".cg-contexts > .cg-context").count() == len(dashboard["top_contexts"])
+    assert page.locator(".cg-histogram-bar").count() == len(dashboard["histogram"]["counts"])
+    assert page.locator(".cg-dashboard-link").count() == 0  # no link to itself
     assert_local(page, server)
 
 
@@ -376,4 +387,112 @@ def test_comments_anchor_to_the_selected_node(page: Any, server: str, slug: str)
     assert f"layer {layer}" in page.locator(".cg-comment-meta").text_content()
     assert page.locator(".cg-comment img").count() == 0
     assert page.evaluate("window.__pwned") is None
+    assert_local(page, server)
+
+
+# -- explanations (the circuit agent) ---------------------------------------------------------
+
+
+def open_explain_panel(page: Any) -> None:
+    assert page.locator("#cg-explain").is_hidden()
+    page.click("#cg-explain-open")
+    assert page.locator("#cg-explain").is_visible()
+    assert page.locator("#cg-explain-open").get_attribute("aria-expanded") == "true"
+
+
+def test_an_explanation_shows_its_progress_then_its_paths_and_stays(
+    page: Any, server: str, slug: str, document: dict[str, Any]
+) -> None:
+    open_graph(page, server, slug)
+    open_explain_panel(page)
+    info = document["tzoo"]
+    # The graph's logit tokens to choose from, then "another token".
+    options = page.locator("#cg-explain-target option")
+    assert options.count() == len(info["logit_tokens"]) + 1
+    assert options.first.get_attribute("value") == str(info["logit_tokens"][0])
+    page.fill("#cg-explain-paths", "10")
+    page.uncheck("#cg-explain-label")
+    page.click("#cg-explain-run")
+    # The job's progress shows (the page polls after a pause), then the answer.
+    page.wait_for_selector("#cg-explain-progress-box:not([hidden])")
+    assert page.locator("#cg-explain").get_attribute("data-state") in ("queued", "running")
+    assert page.locator("#cg-explain-stage").text_content().strip()
+    page.wait_for_selector("#cg-explain[data-state=done]", timeout=60_000)
+    assert page.locator("#cg-explain-progress-box").is_hidden()
+    explanation = page.evaluate("new URLSearchParams(location.search).get('explanation')")
+    stored = httpx.get(f"{server}/api/graphs/{slug}/explanations/{explanation}").json()
+    answer = stored["answer"]
+    assert stored["request"] == {
+        "target": info["logit_tokens"][0],
+        "target_token": info["logit_tokens"][0],
+        "n_paths": 10,
+        "label": False,
+    }
+    rows = page.locator("#cg-explain-paths-list > li")
+    assert rows.count() == len(answer["paths"]) == 10
+    for i in (0, 9):
+        path = answer["paths"][i]
+        row = rows.nth(i)
+        assert row.locator(".cg-step").count() == len(path["steps"])
+        assert row.locator(".cg-arrow").count() == len(path["steps"]) - 1
+        sign = "positive" if path["sign"] > 0 else "negative"
+        assert sign in row.get_attribute("class").split()
+    assert page.locator("#cg-explain-summary .cg-token").text_content() == answer["target_text"]
+    assert "not labelled" in page.locator("#cg-explain-summary").text_content()
+    # A feature step that the graph kept selects its node.
+    step = page.locator(".cg-step.kind-feature[data-node-id]").first
+    node_id = step.get_attribute("data-node-id")
+    step.click()
+    assert page.locator(f'.cg-node[data-id="{node_id}"]').get_attribute("aria-pressed") == "true"
+    node = next(n["tzoo"] for n in document["nodes"] if n["node_id"] == node_id)
+    assert (
+        page.locator("#cg-node-title")
+        .text_content()
+        .startswith(f"Feature {node['feature']} · layer {node['layer']}")
+    )
+    # Stored: the permalink reopens the panel on it, and the list of saved ones has it.
+    assert (
+        page.locator("#cg-explain-permalink")
+        .get_attribute("href")
+        .endswith(f"/graph/{slug}?explanation={explanation}")
+    )
+    page.reload()
+    page.wait_for_selector("#tzoo-graph[data-ready=true]")
+    page.wait_for_selector("#cg-explain[data-state=done]")
+    assert page.locator("#cg-explain").is_visible()
+    assert page.locator("#cg-explain-paths-list > li").count() == 10
+    page.wait_for_selector(f'#cg-explain-saved a[data-id="{explanation}"]')
+    assert_local(page, server)
+
+
+def test_another_token_and_a_bad_target_in_the_explain_panel(
+    page: Any, server: str, slug: str
+) -> None:
+    open_graph(page, server, slug)
+    open_explain_panel(page)
+    assert page.locator("#cg-explain-token").is_hidden()
+    page.select_option("#cg-explain-target", "other")
+    assert page.locator("#cg-explain-token").is_visible()
+    page.uncheck("#cg-explain-label")
+    # Several tokens: the server's sentence, as text (the target is user text).
+    page.fill("#cg-explain-token", XSS)
+    page.click("#cg-explain-run")
+    page.wait_for_selector("#cg-explain-error:not([hidden])")
+    error = page.locator("#cg-explain-error").text_content()
+    assert f"is {len(XSS)} tokens" in error and XSS in error
+    assert page.locator("#cg-explain img").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#cg-explain").get_attribute("data-state") == "failed"
+    # Too many paths: refused before asking.
+    page.fill("#cg-explain-token", "t")
+    page.fill("#cg-explain-paths", "25")
+    page.click("#cg-explain-run")
+    assert "from 1 to 20" in page.locator("#cg-explain-error").text_content()
+    # One token typed in: explained.
+    page.fill("#cg-explain-paths", "2")
+    page.click("#cg-explain-run")
+    page.wait_for_selector("#cg-explain[data-state=done]", timeout=60_000)
+    assert page.locator("#cg-explain-error").is_hidden()
+    assert page.locator("#cg-explain-summary .cg-token").text_content() == "t"
+    assert page.locator("#cg-explain-paths-list > li").count() == 2
     assert_local(page, server)

@@ -98,6 +98,8 @@ def test_targets_must_be_one_token(manager: ModelManager) -> None:
         target_token_id(handle, "Paris")  # byte-level: one token per byte
     with pytest.raises(TargetTokenError, match="outside the vocabulary"):
         target_token_id(handle, 10**9)
+    with pytest.raises(TargetTokenError, match="empty"):
+        target_token_id(handle, "")
     assert (
         target_token_id(handle, "P")
         == handle.tokenizer("P", add_special_tokens=False)["input_ids"][0]

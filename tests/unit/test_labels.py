@@ -29,6 +29,7 @@ from tzoo.circuits.labels import (
     EXPLAIN_EXAMPLE,
     EXPLAIN_SYSTEM,
     DetectionScore,
+    ExplainerError,
     ExplainerResponseError,
     LocalExplainer,
     Message,
@@ -262,6 +263,23 @@ def test_local_explainer_gives_a_label_with_tiny_llama(manager: ModelManager) ->
     assert time.perf_counter() - start < 30
     # Greedy: the same prompt gives the same label.
     assert explain_feature(comma_dashboard(), explainer, max_tokens=16) == label
+
+
+def test_a_prompt_longer_than_the_context_is_cut_in_the_middle(manager: ModelManager) -> None:
+    """tiny-gpt2 reads at most 1024 positions: a longer labelling prompt keeps its start
+    and its end (the question) and loses the middle, and generation still works."""
+    handle = manager.get("tiny-gpt2")
+    explainer = LocalExplainer(handle)
+    long_text = "".join(chr(ord("a") + i % 26) for i in range(3000))  # one token a byte
+    ids = handle.tokenizer(long_text)["input_ids"]
+    fitted = explainer._fitted(ids, max_tokens=24)
+    assert len(fitted) == 1024 - 24
+    head = (1024 - 24) // 3
+    assert fitted[:head] == ids[:head] and fitted[head:] == ids[len(ids) - (1000 - head) :]
+    answer = explainer.complete([{"role": "user", "content": long_text}], max_tokens=24)
+    assert isinstance(answer, str)
+    with pytest.raises(ExplainerError, match="leaves no room"):
+        explainer._fitted(ids, max_tokens=1000)
 
 
 def test_explainer_from_settings(manager: ModelManager, tmp_path: Path) -> None:

@@ -75,6 +75,8 @@ def target_token_id(handle: ModelHandle, target: str | int) -> int:
             raise TargetTokenError(f"Token id {target} is outside the vocabulary (0..{vocab - 1}).")
         return target
     ids = handle.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TargetTokenError("The target is empty: give the text of one token, e.g. ' Paris'.")
     if len(ids) != 1:
         pieces = [handle.tokenizer.decode([i]) for i in ids]
         raise TargetTokenError(

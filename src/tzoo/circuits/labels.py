@@ -485,6 +485,25 @@ class LocalExplainer:
             self._suppressed = (start, control)
         return self._suppressed
 
+    def _fitted(self, ids: list[int], max_tokens: int) -> list[int]:
+        """``ids`` cut to leave room for ``max_tokens`` in the model's context: the middle
+        (the later examples) goes; the instructions at the start and the question with the
+        answer's opening at the end stay."""
+        config = self.handle.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        if not isinstance(context, int) or len(ids) + max_tokens <= context:
+            return ids
+        room = context - max_tokens
+        if room < 32:
+            raise ExplainerError(
+                f"{self.name}'s context ({context} tokens) leaves no room for a labelling "
+                f"prompt and a {max_tokens}-token answer."
+            )
+        head = room // 3
+        return ids[:head] + ids[len(ids) - (room - head) :]
+
     def complete(self, messages: Sequence[Message], *, max_tokens: int) -> str:
         tokenizer = self.handle.tokenizer
         if getattr(tokenizer, "chat_template", None):
@@ -495,9 +514,10 @@ class LocalExplainer:
         else:  # the tiny test models have no template
             turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
             ids = tokenizer("\n\n".join([*turns, "Assistant:"]))["input_ids"]
+        ids = self._fitted(list(ids), max_tokens)
         model = self.handle.model
         device = next(model.parameters()).device
-        input_ids = torch.tensor([list(ids)], device=device)
+        input_ids = torch.tensor([ids], device=device)
         pad = tokenizer.pad_token_id
         config = GenerationConfig(
             do_sample=False,

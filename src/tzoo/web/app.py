@@ -17,6 +17,7 @@ from fastapi.templating import Jinja2Templates
 from tzoo import __version__
 from tzoo.config import Settings, get_settings
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.circuit_answers import ExplanationJobs
 from tzoo.service.lens_jobs import JobQueue
 from tzoo.service.metrics import ServiceMetrics
 from tzoo.service.model_groups import ModelGroups
@@ -60,6 +61,8 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         await app.state.lens_queue.start()
         yield
         await app.state.lens_queue.stop()
+        # Queued explanations would otherwise run after the models are unloaded.
+        app.state.explanation_jobs.shutdown()
         cleanup.cancel()
         with suppress(asyncio.CancelledError):
             await cleanup
@@ -93,6 +96,9 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         groups,
         app.state.metrics,
         describe_error=lens_service.describe_error,
+    )
+    app.state.explanation_jobs = ExplanationJobs(
+        settings, manager, app.state.session_factory, describe_error=circuits.describe_job_error
     )
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.result_cache = make_result_cache(settings)

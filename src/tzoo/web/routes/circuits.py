@@ -1,22 +1,38 @@
 """Attribution graphs over REST and as pages: transcoder sets, graphs, views, feature
-dashboards and interventions.
+dashboards, interventions and explanations (the circuit agent, as background jobs).
 
 Thin: the service computes and stores, the access module decides who sees what, the
 page (static/js/circuits/) draws. Routes that run the model are plain ``def`` routes, so
 FastAPI runs them in its thread pool and the event loop stays free; the service holds the
 model exclusively (``ModelManager.use(..., exclusive=True)``) while hooks are installed.
+Explanations take longer (labelling runs a language model), so they run as jobs on the
+service's worker threads and the page polls them.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from sqlalchemy.orm import Session
 
+from tzoo.circuits.labels import ExplainerError
 from tzoo.runtime.catalogue import catalogue
+from tzoo.service.circuit_answers import (
+    DEFAULT_PATHS,
+    MAX_LISTED_ANSWERS,
+    MAX_PATHS,
+    MAX_TARGET_CHARS,
+    ExplanationJobs,
+    NoSuchExplanationError,
+    answer_summary,
+    delete_graph_answers,
+    graph_answers,
+    stored_answer,
+)
 from tzoo.service.circuits import (
     DEFAULT_EDGE_THRESHOLD,
     DEFAULT_MAX_FEATURE_NODES,
@@ -45,8 +61,9 @@ from tzoo.service.circuits import (
 )
 from tzoo.store.artefacts import MAX_LIST_LIMIT, list_artefacts
 from tzoo.store.models import Artefact, User
-from tzoo.web.access import is_owner, owned_artefact, visible_artefact
+from tzoo.web.access import can_view, is_owner, owned_artefact, visible_artefact
 from tzoo.web.deps import CsrfCheckDep, CurrentUserDep, ManagerDep, SessionDep, SettingsDep
+from tzoo.web.errors import error_body, status_for
 
 router = APIRouter(prefix="/api", tags=["circuits"])
 pages = APIRouter(tags=["pages"], include_in_schema=False)
@@ -54,6 +71,7 @@ pages = APIRouter(tags=["pages"], include_in_schema=False)
 MAX_PROMPT_CHARS = 4000
 NO_GRAPH = "No attribution graph at this link."
 NO_VIEW = "No saved view with this id for this graph."
+NO_EXPLANATION = "No explanation with this id for this graph."
 Visibility = Literal["public", "unlisted", "private"]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
 NodeId = Annotated[str, Field(min_length=1, max_length=64)]
@@ -183,6 +201,71 @@ class InterventionsRequest(BaseModel):
     top_k: int = Field(10, ge=1, le=50)
 
 
+class ExplanationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: (
+        # Strict: JSON true is no token id, 5.0 no token text.
+        Annotated[StrictInt, Field(ge=0)]
+        | Annotated[StrictStr, Field(min_length=1, max_length=MAX_TARGET_CHARS)]
+    ) = Field(
+        description="A token id (e.g. one of the graph's logit tokens) or the text of exactly "
+        "one token; a leading space matters: ' Paris' and 'Paris' are different tokens",
+        examples=[" Paris", 6342],
+    )
+    n_paths: int = Field(DEFAULT_PATHS, ge=1, le=MAX_PATHS, description="Paths to find")
+    label: bool = Field(True, description="Label the features on the paths (slower)")
+
+
+class ExplanationRequestPublic(BaseModel):
+    target: int | str
+    target_token: int
+    n_paths: int
+    label: bool
+
+
+class ExplanationError(BaseModel):
+    detail: str
+    error: str
+    status: int = Field(description="The HTTP status the error would have had")
+
+
+class ExplanationPublic(BaseModel):
+    id: str = Field(description="The id asked for: a job's id or a stored explanation's")
+    job_id: str | None
+    state: Literal["queued", "running", "done", "failed"]
+    stage: str | None = Field(
+        description="loading, graph, dashboards, labels or saving while running"
+    )
+    done: int
+    total: int
+    position: int | None = Field(
+        description="Place in the model's queue: 1 next, 0 running, null when finished"
+    )
+    elapsed_s: float | None
+    request: ExplanationRequestPublic
+    explainer: str | None = Field(description="The model that wrote the labels")
+    explanation_id: str | None = Field(description="The stored answer's id, once done")
+    url: str | None = Field(description="The graph page showing the answer, once done")
+    answer: dict[str, Any] | None = Field(
+        description="CircuitAnswer: target, probability, paths of steps, labels, once done"
+    )
+    error: ExplanationError | None
+
+
+class ExplanationSummary(BaseModel):
+    id: str
+    url: str
+    target: int | str
+    target_token: int
+    target_text: str
+    target_probability: float | None
+    n_paths: int = Field(description="Paths found (at most the number asked for)")
+    label: bool
+    owner: str | None = Field(description="Who asked for it (null: anonymous)")
+    created_at: str
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 
@@ -195,6 +278,10 @@ def _base(request: Request) -> str:
 
 def graph_url(request: Request, slug: str, view: str | None = None) -> str:
     return f"{_base(request)}/graph/{slug}" + (f"?view={view}" if view else "")
+
+
+def explanation_url(request: Request, slug: str, explanation_id: str) -> str:
+    return f"{_base(request)}/graph/{slug}?explanation={explanation_id}"
 
 
 def _visible_graph(session: Session, slug: str, user: User | None) -> Artefact:
@@ -240,7 +327,50 @@ def _summary(request: Request, artefact: Artefact) -> GraphSummary:
     )
 
 
+def _saved_explanation(
+    session: Session, graph: Artefact, explanation_id: str, user: User | None
+) -> dict[str, Any]:
+    """The stored explanation ``explanation_id`` of ``graph`` as a finished job's status."""
+    try:
+        return stored_answer(visible_artefact(session, explanation_id, user), graph.slug)
+    except (HTTPException, NoSuchExplanationError):
+        raise HTTPException(404, NO_EXPLANATION) from None
+
+
+def explanation_jobs(request: Request) -> ExplanationJobs:
+    """The app's explanation jobs (made in ``create_app``, shut down with the app)."""
+    jobs: ExplanationJobs = request.app.state.explanation_jobs
+    return jobs
+
+
+def describe_job_error(exc: BaseException) -> dict[str, Any]:
+    """``{detail, error, status}`` of a failed job: what the same error would answer as a
+    request; anything unexpected is logged and reported without details."""
+    if isinstance(exc, ExplainerError):  # an endpoint's or the local labeller's failure
+        return {"detail": f"Labelling failed: {exc}", "error": type(exc).__name__, "status": 502}
+    status = status_for(exc) if isinstance(exc, Exception) else 500
+    if status == 500 or not isinstance(exc, Exception):
+        logger.opt(exception=exc).error("An explanation job failed")
+        return {
+            "detail": "Internal error; the server log has the details.",
+            "error": "InternalError",
+            "status": 500,
+        }
+    body = error_body(exc)
+    return {"detail": str(body["detail"]), "error": str(body["error"]), "status": status}
+
+
+def _explanation(request: Request, slug: str, status: dict[str, Any]) -> ExplanationPublic:
+    saved = status["explanation_id"]
+    url = explanation_url(request, slug, saved) if saved else None
+    return ExplanationPublic.model_validate({**status, "url": url})
+
+
+ExplanationJobsDep = Annotated[ExplanationJobs, Depends(explanation_jobs)]
 ViewQuery = Annotated[str | None, Query(max_length=64, description="A saved view's id")]
+ExplanationQuery = Annotated[
+    str | None, Query(max_length=64, description="A stored explanation's id")
+]
 ThresholdQuery = Annotated[float | None, Query(ge=0.0, le=1.0)]
 
 
@@ -404,8 +534,10 @@ def update(
 
 @router.delete("/graphs/{slug}", status_code=204)
 def delete(slug: str, session: SessionDep, user: CurrentUserDep, _csrf: CsrfCheckDep) -> Response:
-    """Delete the graph and its saved views for good (owner only)."""
-    delete_graph(session, _owned_graph(session, slug, user))
+    """Delete the graph, its saved views and its explanations for good (owner only)."""
+    artefact = _owned_graph(session, slug, user)
+    delete_graph_answers(session, artefact.slug)
+    delete_graph(session, artefact)
     return Response(status_code=204)
 
 
@@ -486,6 +618,88 @@ def interventions(
     return run_interventions(manager, settings, graph, specs, mode=body.mode, top_k=body.top_k)
 
 
+# -- explanations ---------------------------------------------------------------------------------
+
+
+@router.post(
+    "/graphs/{slug}/explanations",
+    status_code=202,
+    response_model=ExplanationPublic,
+    responses={**_ERRORS, 503: {"description": "Too many explanations waiting already"}},
+)
+def explain(
+    slug: str,
+    body: ExplanationCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    jobs: ExplanationJobsDep,
+    user: CurrentUserDep,
+    _csrf: CsrfCheckDep,
+) -> ExplanationPublic:
+    """Start the circuit agent on the graph's prompt: the ``n_paths`` strongest paths into
+    ``target``'s logit at the graph's target position, with labels for their features
+    when ``label``. Answers 202 with the job; poll ``GET .../explanations/{id}`` for its
+    stage and progress, and for the answer (stored for good under ``explanation_id``).
+    A target that is not one token is a 422 at once."""
+    artefact = _visible_graph(session, slug, user)
+    job = jobs.submit(
+        artefact,
+        body.target,
+        n_paths=body.n_paths,
+        label=body.label,
+        owner=user.username if user else None,
+    )
+    response.headers["Location"] = f"/api/graphs/{slug}/explanations/{job.id}"
+    return _explanation(request, slug, jobs.status(job))
+
+
+@router.get(
+    "/graphs/{slug}/explanations",
+    response_model=list[ExplanationSummary],
+    responses={404: _ERRORS[404]},
+)
+def list_explanations(
+    slug: str, request: Request, session: SessionDep, user: CurrentUserDep
+) -> list[ExplanationSummary]:
+    """The graph's stored explanations that you can see, newest first."""
+    artefact = _visible_graph(session, slug, user)
+    rows = [
+        row
+        for row in graph_answers(session, artefact.slug, limit=MAX_LISTED_ANSWERS)
+        if can_view(row, user)
+    ]
+    return [
+        ExplanationSummary(**answer_summary(row), url=explanation_url(request, slug, row.slug))
+        for row in rows
+    ]
+
+
+@router.get(
+    "/graphs/{slug}/explanations/{explanation_id}",
+    response_model=ExplanationPublic,
+    responses={404: _ERRORS[404]},
+)
+def read_explanation(
+    slug: str,
+    explanation_id: str,
+    request: Request,
+    session: SessionDep,
+    jobs: ExplanationJobsDep,
+    user: CurrentUserDep,
+) -> ExplanationPublic:
+    """A job (``state`` queued, running, done or failed; ``stage`` and ``done``/``total``
+    while running; the answer and its ``explanation_id`` when done), or a stored
+    explanation by that id (as a done job). Finished jobs are forgotten after a while;
+    their answers stay at ``explanation_id``."""
+    artefact = _visible_graph(session, slug, user)
+    try:
+        status = jobs.status(jobs.get(explanation_id, artefact.slug))
+    except NoSuchExplanationError:
+        status = _saved_explanation(session, artefact, explanation_id, user)
+    return _explanation(request, slug, status)
+
+
 # -- pages ----------------------------------------------------------------------------------------
 
 
@@ -522,15 +736,23 @@ def graph_page(
     session: SessionDep,
     user: CurrentUserDep,
     view: ViewQuery = None,
+    explanation: ExplanationQuery = None,
 ) -> HTMLResponse:
-    """One stored graph; ``?view=ID`` restores a saved view."""
+    """One stored graph; ``?view=ID`` restores a saved view, ``?explanation=ID`` shows a
+    stored explanation."""
     artefact = _visible_graph(session, slug, user)
     _stored(artefact)
     _view(session, artefact, view, user)  # a 404 now rather than a broken page
+    if explanation is not None:
+        _saved_explanation(session, artefact, explanation, user)
     page = {
         "slug": slug,
         "api": f"/api/graphs/{slug}",
         "view": view,
+        "explanation": explanation,
+        "max_paths": MAX_PATHS,
+        "default_paths": DEFAULT_PATHS,
+        "max_target_chars": MAX_TARGET_CHARS,
         "model_name": artefact.model_name,
         "prompt": artefact.input_text,
         "transcoders": artefact.params["transcoders"]["id"],

@@ -6,6 +6,7 @@ import { getJSON, postJSON } from "tzoo/circuits/api.js";
 import { el, clear, displayToken, fmt, percent } from "tzoo/circuits/dom.js";
 import { createGraphView } from "tzoo/circuits/graph_view.js";
 import { createComments } from "tzoo/circuits/comments.js";
+import { createExplanations } from "tzoo/circuits/explain.js";
 import { createInterventions } from "tzoo/circuits/intervene.js";
 import { prepare, visible } from "tzoo/circuits/model.js";
 import { createNodePanel } from "tzoo/circuits/panel.js";
@@ -52,6 +53,12 @@ export async function start() {
     slug: page.slug,
     info,
     selected: () => (state.selected ? graph.byId.get(state.selected) : null),
+  });
+  createExplanations(root.querySelector("#cg-explain"), {
+    page,
+    graph,
+    onSelect: selectAndFocus,
+    opener: root.querySelector("#cg-explain-open"),
   });
 
   // -- thresholds ---------------------------------------------------------------------
