@@ -815,15 +815,19 @@ def circuits_explain(
 ) -> None:
     """The strongest paths in the attribution graph into TARGET's logit, with labels."""
     from tzoo.circuits.agent import explain_circuit
+    from tzoo.circuits.labels import explainer_from_settings
     from tzoo.runtime.manager import ModelManager
 
     settings = _settings()
+    manager = ModelManager(settings)
     try:
         with (
             _model_errors(),
-            ModelManager(settings).use(model, exclusive=True, progress=_progress_printer()) as h,
+            manager.use(model, exclusive=True, progress=_progress_printer()) as h,
         ):
             chosen = _pick_transcoders(h, transcoders)
+            # One manager: a labeller that is the traced model is not loaded twice.
+            explainer = explainer_from_settings(settings, manager) if labels else None
             with console.status("Tracing…") as status:
 
                 def progress(stage: str, done: int, total: int) -> None:
@@ -837,6 +841,7 @@ def circuits_explain(
                     target_position=position,
                     n_paths=paths,
                     label=labels,
+                    explainer=explainer,
                     progress=progress,
                 )
     except ValueError as exc:
