@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from tzoo_testing import run_server
 
 pytestmark = pytest.mark.browser
 
@@ -27,12 +23,6 @@ MODEL = "tiny-llama"
 SET_ID = "tiny-llama/plt-test"
 PROMPT = "Cats sat on it."
 XSS = "<img src=x onerror=window.__pwned=1>"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _save_random_transcoders(directory: Path, root: Path) -> None:
@@ -70,38 +60,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A server whose transcoders folder holds one random set for tiny-llama."""
     root = tmp_path_factory.mktemp("graph-server")
     _save_random_transcoders(root / "transcoders" / SET_ID, root / "builder")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "TZOO_DATA_DIR": str(root / "data"),
-        "TZOO_CACHE_DIR": str(root / "cache"),
-        "TZOO_TRANSCODERS_DIR": str(root / "transcoders"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tzoo.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited early: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not answer /health within 60 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
-    log.close()
+    with run_server(root, {"TZOO_TRANSCODERS_DIR": str(root / "transcoders")}) as url:
+        yield url
 
 
 def create_graph(server: str, prompt: str = PROMPT) -> str:
