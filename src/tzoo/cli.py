@@ -910,6 +910,155 @@ def circuits_graph(
     )
 
 
+EXIT_CHECKS_FAILED = 1
+
+
+@app.command()
+def validate(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A model.py (path or URL), a catalogue name, a local model directory or a hub id."
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="The model's config.json (path or URL) for a model.py."),
+    ] = None,
+    tiers: Annotated[str, typer.Option(help="Tiers to run, e.g. 1,2 or 1-4.")] = "1,2",
+    checks: Annotated[
+        str | None, typer.Option(help="Only these checks, comma-separated (see --list).")
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="Write the report here: .html, .md or .json by the suffix."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every input the checks draw.")] = 0,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Where tier 3 writes its CSV and configs.")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="Allow fetching and running a model.py from a URL (it runs with your rights).",
+        ),
+    ] = False,
+    list_checks: Annotated[
+        bool, typer.Option("--list", help="List the checks by tier and exit.")
+    ] = False,
+) -> None:
+    """Validate a transformer in tiers (1: shapes, batches, padding, causality, precision,
+    gradients, init, memory, latency, save/load; 2: attention, Integrated Gradients,
+    robustness; 3: overfitting, fine-tuning, search, benchmarks; 4: TorchScript, ONNX and
+    torch.export parity). Exits 1 when a check fails, 2 on bad input."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tzoo.validation import (
+        ModelCodeError,
+        UntrustedCodeError,
+        ValidationOptions,
+        registered,
+    )
+    from tzoo.validation import validate as run_validation
+
+    if list_checks:
+        table = Table("tier", "check", "what it checks", title="Validation checks")
+        for spec in registered():
+            table.add_row(str(spec.tier), spec.name, spec.description)
+        console.print(table)
+        return
+    if model is None:
+        raise _bad_input("Name a model: a model.py, a catalogue name or a model directory.")
+    chosen = _parse_tiers(tiers)
+    if report is not None and report.suffix.lower() not in (".html", ".htm", ".md", ".json"):
+        raise _bad_input(f"--report {report}: use a .html, .md or .json file.")
+    options = ValidationOptions(output_dir=output_dir)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with _model_errors(), Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("Validating", total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"Validating: {what}")
+
+            result = run_validation(
+                model,
+                config,
+                chosen,
+                checks=None
+                if checks is None
+                else [c.strip() for c in checks.split(",") if c.strip()],
+                seed=seed,
+                options=options,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
+            )
+    except UntrustedCodeError as exc:
+        raise _bad_input(str(exc)) from None
+    except (ModelCodeError, ValueError) as exc:
+        raise _bad_input(str(exc)) from None
+    _print_validation(result)
+    if report is not None:
+        suffix = report.suffix.lower()
+        text = (
+            result.to_json()
+            if suffix == ".json"
+            else result.to_markdown()
+            if suffix == ".md"
+            else result.to_html()
+        )
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(text, encoding="utf-8")
+        console.print(f"Wrote the report to {report}")
+    if result.failed:
+        raise typer.Exit(EXIT_CHECKS_FAILED)
+
+
+def _parse_tiers(spec: str) -> tuple[int, ...]:
+    """``"1,2"`` or ``"1-4"`` -> the tiers; anything else exits with a sentence."""
+    tiers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise _bad_input(f"Bad --tiers {spec!r}: use numbers and ranges such as 1,2 or 1-4.")
+        tiers.update(range(int(first), int(last if dash else first) + 1))
+    if not tiers or not tiers <= {1, 2, 3, 4}:
+        raise _bad_input(f"Bad --tiers {spec!r}: the tiers are 1, 2, 3 and 4.")
+    return tuple(sorted(tiers))
+
+
+def _print_validation(result: Any) -> None:
+    styles = {"pass": "green", "warn": "yellow", "fail": "red", "error": "red", "skip": "dim"}
+    table = Table(
+        "tier", "check", "status", "value", "threshold", "message", title=result.summary()
+    )
+    for row in result.results:
+        table.add_row(
+            str(row.tier),
+            row.name,
+            f"[{styles[row.status]}]{row.status}[/]",
+            _cell(row.value),
+            _cell(row.threshold),
+            row.message,
+        )
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 def main() -> None:
     try:
         app()
