@@ -253,6 +253,20 @@ class Settings(BaseSettings):
         "endpoint's model name with TZOO_AUTOINTERP_URL.",
     )
 
+    # -- validation -----------------------------------------------------------------------
+    validation_uploads: bool = Field(
+        False,
+        description="Let the /validate page take a model.py upload. It runs on this server "
+        "(in a subprocess, with the server's rights): turn it on only where every user may "
+        "run code here. Catalogue models can be validated either way.",
+    )
+    validation_timeout: int = Field(
+        1800, ge=10, description="Seconds a web validation job may run before it is stopped."
+    )
+    validation_max_upload_kb: int = Field(
+        1024, ge=1, description="Largest model.py or config.json the /validate page takes, KiB."
+    )
+
     @field_validator("preload", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

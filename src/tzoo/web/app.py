@@ -23,6 +23,7 @@ from tzoo.service.metrics import ServiceMetrics
 from tzoo.service.model_groups import ModelGroups
 from tzoo.service.rate_limit import RateLimitedError, RateLimiter
 from tzoo.service.result_cache import make_result_cache
+from tzoo.service.validation_jobs import ValidationJobs
 from tzoo.service.wheel import SessionStore
 from tzoo.store.db import create_engine_for, run_migrations, session_factory
 from tzoo.web.deps import template_context
@@ -39,6 +40,7 @@ from tzoo.web.routes import (
     lens_service,
     models,
     pages,
+    validation,
     visualizations,
     wheel,
 )
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         await app.state.lens_queue.stop()
         # Queued explanations would otherwise run after the models are unloaded.
         app.state.explanation_jobs.shutdown()
+        app.state.validation_jobs.shutdown()
         cleanup.cancel()
         with suppress(asyncio.CancelledError):
             await cleanup
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
     app.state.explanation_jobs = ExplanationJobs(
         settings, manager, app.state.session_factory, describe_error=circuits.describe_job_error
     )
+    app.state.validation_jobs = ValidationJobs(settings, app.state.session_factory)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.result_cache = make_result_cache(settings)
     app.state.wheel_sessions = SessionStore(settings, manager)
@@ -134,6 +138,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         wheel,
         circuits,
         features,
+        validation,
     ):
         app.include_router(module.router)
     for extra in (
@@ -145,6 +150,7 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         lens_pages.router,
         circuits.pages,
         features.pages,
+        validation.pages,
     ):
         app.include_router(extra)
     return app

@@ -42,7 +42,7 @@ TOOLS: list[Tool] = [
         "validate",
         "Validation suite",
         "Tiered checks that a transformer you built yourself is sound.",
-        None,
+        "/validate",
     ),
     Tool("api", "REST API", "Every analysis over HTTP, documented with OpenAPI.", "/docs"),
 ]
