@@ -36,6 +36,8 @@ _LAZY = {
     "active_features": "tzoo.circuits.features",
     "build_dashboards": "tzoo.circuits.features",
     "explain_circuit": "tzoo.circuits.agent",
+    "validate": "tzoo.validation.runner",
+    "ValidationReport": "tzoo.validation.report",
 }
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
     from tzoo.config import Settings
     from tzoo.runtime.handle import ModelHandle
     from tzoo.runtime.manager import ModelManager
+    from tzoo.validation.report import ValidationReport
+    from tzoo.validation.runner import validate
     from tzoo.web.app import create_app
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "TranscoderConfig",
     "TranscoderSet",
     "TunedLens",
+    "ValidationReport",
     "VerbalizeResult",
     "__version__",
     "active_features",
@@ -79,6 +84,7 @@ __all__ = [
     "save_transcoders",
     "train_transcoders",
     "tuned_lens",
+    "validate",
     "verbalize",
 ]
 
