@@ -104,21 +104,26 @@ def detect_vocab_size(model: nn.Module, config: Any = None) -> tuple[int, str]:
     return DEFAULT_VOCAB_SIZE, "default (GPT-2's)"
 
 
+_MAX_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "max_seq_length",
+    "max_length",
+    "max_len",
+    "block_size",
+    "context_length",
+    "n_ctx",
+)
+
+
 def detect_max_length(model: nn.Module, config: Any = None) -> int | None:
-    """The longest input the model takes, from its config; None when nothing says."""
-    for source in (config, getattr(model, "config", None)):
+    """The longest input the model takes, from its config, else the model's own attribute
+    of the same names (a hand-built model's ``self.max_len``); None when nothing says."""
+    for source in (config, getattr(model, "config", None), model):
         if source is not None:
-            value = _config_value(
-                source,
-                "max_position_embeddings",
-                "n_positions",
-                "max_seq_len",
-                "max_length",
-                "block_size",
-                "context_length",
-                "n_ctx",
-            )
-            if isinstance(value, int) and value > 0:
+            value = _config_value(source, *_MAX_LENGTH_KEYS)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
 
@@ -336,13 +341,14 @@ def read_config(
     if isinstance(config, Mapping):
         return dict(config)
     text_source = str(config)
+    # Refused before the try: UntrustedCodeError is a PermissionError, hence an OSError.
+    if _is_url(text_source) and not trust_remote_code:
+        raise UntrustedCodeError(
+            f"Refusing to fetch {text_source}: remote model files are only fetched with "
+            "--trust-remote-code (trust_remote_code=True)."
+        )
     try:
         if _is_url(text_source):
-            if not trust_remote_code:
-                raise UntrustedCodeError(
-                    f"Refusing to fetch {text_source}: remote model files are only fetched with "
-                    "--trust-remote-code (trust_remote_code=True)."
-                )
             text = _fetch(text_source).decode("utf-8")
         else:
             text = Path(text_source).read_text(encoding="utf-8")
@@ -427,13 +433,18 @@ def model_builder(module: Any, config: Mapping[str, Any]) -> Callable[[], nn.Mod
             f"{', '.join(c.__name__ for c in classes) or 'no nn.Module'})."
         )
     cls = classes[0]
-    kwargs = {k: v for k, v in config.items() if k not in ("model_class", "name", "causal")}
+    # The config also holds facts for the checks (name, causal, max_length...): pass the
+    # class only the keys its __init__ takes, unless it takes **kwargs.
+    parameters = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {k: v for k, v in config.items() if takes_any or k in parameters}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("model_class", "name", "causal")}
+    named = [p for p in parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
 
     def build() -> nn.Module:
-        try:
+        if kwargs or not named or all(p.default is not p.empty for p in named):
             return cls(**kwargs)
-        except TypeError:
-            return cls(dict(config))
+        return cls(dict(config))  # a class that takes the config itself
 
     return build
 
