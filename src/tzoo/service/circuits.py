@@ -95,7 +95,6 @@ from tzoo.runtime.catalogue import resolve
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.manager import ModelManager
 from tzoo.service.dashboards import dashboard_key, dashboard_of, store_dashboard, stored_dashboard
-from tzoo.service.result_cache import CachedResult, ResultCache, cache_key
 from tzoo.store.artefacts import create_artefact, delete_artefact, list_artefacts, load_arrays
 from tzoo.store.models import Artefact
 
@@ -968,19 +967,17 @@ def check_feature(graph: StoredGraph, layer: int, feature: int) -> None:
 
 def feature_dashboard(
     manager: ModelManager,
-    cache: ResultCache,
+    session: Session,
     settings: Settings,
     graph: StoredGraph,
     layer: int,
     feature: int,
     *,
     texts: Sequence[str] | None = None,
-    session: Session | None = None,
 ) -> dict[str, Any]:
     """The dashboard of feature ``feature`` of ``layer`` over ``texts`` (default the
-    shipped corpus), built with ``DASHBOARD_OPTIONS``. With a ``session`` it is stored as
-    an artefact (once per feature, set and corpus; see ``service.dashboards``) and comes
-    with its ``slug``; without one it is kept in the result cache."""
+    shipped corpus), built with ``DASHBOARD_OPTIONS`` once and stored as an artefact (once
+    per feature, set and corpus; see ``service.dashboards``), with its ``slug``."""
     from tzoo.analyses.corpus import shipped_corpus
 
     check_feature(graph, layer, feature)
@@ -1000,14 +997,10 @@ def feature_dashboard(
         "version": DASHBOARD_VERSION,
         **source,
     }
-    if session is not None:
-        stored = stored_dashboard(session, dashboard_key(**what))
-        if stored is not None:
-            return dashboard_of(stored)
-    key = cache_key("feature_dashboard", graph.model_name, what=what)
-    cached = cache.get(key) if session is None else None
-    if cached is not None:
-        return cached.meta
+    key = dashboard_key(**what)
+    stored = stored_dashboard(session, key)
+    if stored is not None:
+        return dashboard_of(stored)
     with manager.use(graph.model_name, exclusive=True) as handle:
         transcoders = LOADED_TRANSCODERS.get(info, handle)
         try:
@@ -1017,10 +1010,7 @@ def feature_dashboard(
         except FeaturesMismatchError as error:
             raise GraphRequestError(str(error)) from None
     result = dashboards[(layer, feature)].to_dict()
-    if session is not None:
-        return dashboard_of(store_dashboard(session, dashboard_key(**what), result, source))
-    cache.set(key, CachedResult(result, {}))
-    return result
+    return dashboard_of(store_dashboard(session, key, result, source))
 
 
 @dataclass(frozen=True)

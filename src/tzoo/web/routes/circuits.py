@@ -580,7 +580,6 @@ def dashboard(
     slug: str,
     layer: int,
     index: int,
-    request: Request,
     session: SessionDep,
     manager: ManagerDep,
     settings: SettingsDep,
@@ -591,9 +590,7 @@ def dashboard(
     top and bottom logits, histogram, frequency. Computed once, then stored as an artefact
     whose ``slug`` gives its permalink (``/features/{slug}``)."""
     graph = _stored(_visible_graph(session, slug, user))
-    return feature_dashboard(
-        manager, request.app.state.result_cache, settings, graph, layer, index, session=session
-    )
+    return feature_dashboard(manager, session, settings, graph, layer, index)
 
 
 @router.post("/graphs/{slug}/interventions", responses=_ERRORS)
