@@ -23,7 +23,6 @@ import inspect
 import json
 import math
 import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +182,6 @@ class Subject:
     # Builds a fresh, untrained model of the same architecture (None: not known).
     factory: Callable[[], nn.Module] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # where each fact came from
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -241,7 +239,8 @@ class Subject:
                 self.decoder_inputs(input_ids) if decoder_input_ids is None else decoder_input_ids
             )
         if self.is_hf:
-            kwargs.setdefault("use_cache", False) if self.kind != "encoder" else None
+            if self.kind != "encoder":  # no key/value cache: nothing generates here
+                kwargs.setdefault("use_cache", False)
             return target(input_ids=input_ids, **kwargs)
         return target(input_ids, **kwargs)
 
