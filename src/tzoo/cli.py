@@ -1021,16 +1021,13 @@ def validate(
 
 
 def _parse_tiers(spec: str) -> tuple[int, ...]:
-    """``"1,2"`` or ``"1-4"`` -> the tiers; anything else exits with a sentence."""
-    tiers: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        first, dash, last = part.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
-            raise _bad_input(f"Bad --tiers {spec!r}: use numbers and ranges such as 1,2 or 1-4.")
-        tiers.update(range(int(first), int(last if dash else first) + 1))
-    if not tiers or not tiers <= {1, 2, 3, 4}:
-        raise _bad_input(f"Bad --tiers {spec!r}: the tiers are 1, 2, 3 and 4.")
-    return tuple(sorted(tiers))
+    """The tiers of ``--tiers``; a bad spec exits with a sentence."""
+    from tzoo.validation.runner import parse_tiers
+
+    try:
+        return parse_tiers(spec)
+    except ValueError as error:
+        raise _bad_input(f"Bad --tiers {spec!r}: {error}") from None
 
 
 def _print_validation(result: Any) -> None:

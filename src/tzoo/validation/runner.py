@@ -26,6 +26,21 @@ TIERS = (1, 2, 3, 4)
 ProgressFn = Callable[[int, int, str], None]  # (checks done, checks in all, what runs now)
 
 
+def parse_tiers(spec: str) -> tuple[int, ...]:
+    """``"1,2"`` or ``"1-4"`` -> the tiers, sorted; ValueError saying what is wrong."""
+    tiers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError("use numbers and ranges such as 1,2 or 1-4.")
+        tiers.update(range(int(first), int(last if dash else first) + 1))
+    if not tiers or not tiers <= set(TIERS):
+        raise ValueError("the tiers are 1, 2, 3 and 4.")
+    return tuple(sorted(tiers))
+
+
 def validate(
     model: nn.Module | Subject | str | Path,
     config: Mapping[str, Any] | str | Path | None = None,

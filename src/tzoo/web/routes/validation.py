@@ -24,6 +24,7 @@ from tzoo.store.artefacts import list_artefacts
 from tzoo.store.models import Artefact, User
 from tzoo.validation.registry import registered
 from tzoo.validation.report import ValidationReport
+from tzoo.validation.runner import parse_tiers
 from tzoo.web.access import visible_artefact
 from tzoo.web.deps import CsrfCheckDep, CurrentUserDep, SessionDep
 
@@ -41,12 +42,9 @@ def _jobs(request: Request) -> ValidationJobs:
 
 def _parse_tiers(text: str) -> tuple[int, ...]:
     try:
-        tiers = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
-    except ValueError:
-        raise HTTPException(422, f"Bad tiers {text!r}: use e.g. 1,2.") from None
-    if not tiers or not set(tiers) <= {1, 2, 3, 4}:
-        raise HTTPException(422, f"Bad tiers {text!r}: the tiers are 1, 2, 3 and 4.")
-    return tiers
+        return parse_tiers(text)
+    except ValueError as error:
+        raise HTTPException(422, f"Bad tiers {text!r}: {error}") from None
 
 
 async def _read(upload: UploadFile | None, limit: int) -> bytes | None:
