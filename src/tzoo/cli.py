@@ -121,6 +121,10 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default; we believe only the
+        # proxies the operator names (TZOO_FORWARDED_ALLOW_IPS).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or [],
     )
 
 
@@ -521,6 +525,99 @@ def _mask_password(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url
+
+
+# -- users ------------------------------------------------------------------------------------
+
+users_app = typer.Typer(
+    help="Accounts on this server's store, and the operator (admin) role.", no_args_is_help=True
+)
+app.add_typer(users_app, name="users")
+
+
+@contextmanager
+def _store_session() -> Iterator[Any]:
+    from tzoo.store.db import create_engine_for, run_migrations, session_factory
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine_for(settings.sqlalchemy_url)
+    try:
+        run_migrations(engine)
+        with session_factory(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _read_new_password(password_stdin: bool) -> str:
+    from tzoo.web.security import PasswordRuleError, check_new_password
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        check_new_password(password)
+    except PasswordRuleError as exc:
+        raise _bad_input(str(exc)) from None
+    return password
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="3 to 40 letters, digits, '_' or '-'.")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="Make the account an operator (load/unload models).")
+    ] = False,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+) -> None:
+    """Create an account (the web's sign-up never makes an operator; this can)."""
+    from tzoo.store.accounts import AccountError, create_user
+    from tzoo.web.security import hash_password
+
+    password = _read_new_password(password_stdin)
+    with _store_session() as session:
+        try:
+            user = create_user(
+                session, username=username, password_hash=hash_password(password), is_admin=admin
+            )
+        except AccountError as exc:
+            raise _bad_input(str(exc)) from None
+        role = "an operator" if user.is_admin else "a user"
+        console.print(f"Created {user.username!r}, {role}.")
+
+
+@users_app.command("admin")
+def users_admin(
+    username: str,
+    revoke: Annotated[bool, typer.Option("--revoke", help="Take the role back.")] = False,
+) -> None:
+    """Grant (or, with --revoke, take back) the operator role of an existing account."""
+    from tzoo.store.accounts import get_user, set_admin
+
+    with _store_session() as session:
+        user = get_user(session, username)
+        if user is None:
+            raise _bad_input(f"No account {username!r}; `tzoo users list` shows them.")
+        set_admin(session, user, not revoke)
+        state = "no longer an operator" if revoke else "an operator"
+        console.print(f"{user.username!r} is {state}.")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every account, with its role and when it was made."""
+    from tzoo.store.accounts import list_users
+
+    with _store_session() as session:
+        table = Table("username", "role", "created")
+        for user in list_users(session):
+            role = "operator" if user.is_admin else "user"
+            table.add_row(user.username, role, user.created_at.strftime("%Y-%m-%d %H:%M"))
+        console.print(table)
 
 
 # -- transcoders ------------------------------------------------------------------------------

@@ -165,9 +165,10 @@ class Settings(BaseSettings):
     )
     api_key: str | None = Field(
         None,
-        description="Key the lens service asks for (Authorization: Bearer KEY; ?api_key= on "
-        "the WebSocket) on /analyze, /status, /ws, /api/v2, /api/gpu_stats and /metrics; "
-        "empty: no key.",
+        description="The operator's key: its holder (Authorization: Bearer KEY) may load, "
+        "unload and switch models, as an admin account may. When set, the lens service "
+        "asks for it on /analyze, /status, /ws (also as ?api_key=), /api/v2, "
+        "/api/gpu_stats and /metrics; empty: no key.",
     )
     max_queue_size: int = Field(
         100, ge=1, description="Most lens requests waiting in the queue; more are refused (503)."
@@ -267,7 +268,94 @@ class Settings(BaseSettings):
         1024, ge=1, description="Largest model.py or config.json the /validate page takes, KiB."
     )
 
-    @field_validator("preload", "allowed_origins", mode="before")
+    # -- hardening: who may do what, and how much -----------------------------------------
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders under which the web API may load a local model directory or "
+        "GGUF file (comma-separated); empty: the web API loads catalogue models and hub ids "
+        "only. The CLI and the Python API load any local path.",
+    )
+    hub_load_workers: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="Model loads the web API runs at once (a small pool, apart from the "
+        "request threads); more wait in line.",
+    )
+    hub_load_timeout: float = Field(
+        120,
+        gt=0,
+        description="Seconds a web request waits for a model load before answering 504 (the "
+        "load itself goes on in the pool and the model is there for the next request).",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body (bytes) any route reads; a bigger one gets 413 "
+        "before the rest is read.",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto "
+        "headers are believed (comma-separated, '*' for any); empty: none, the client "
+        "address is the connection's.",
+    )
+    wheel_sessions_per_client: int = Field(
+        8,
+        ge=1,
+        description="Most live token-wheel sessions one client (account, or address when "
+        "anonymous) may hold; more get 429 with Retry-After.",
+    )
+    visualizations_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Visualizations (attention, graphs) one client may create per minute; "
+        "more get 429 with Retry-After. 0: no limit.",
+    )
+    validations_per_account: int = Field(
+        2,
+        ge=1,
+        description="Validation runs one account (or anonymous address) may have queued or "
+        "running at once; more get 429 with Retry-After.",
+    )
+    signups_per_hour: int = Field(
+        5,
+        ge=0,
+        description="Accounts one address may create per hour; more get 429 with "
+        "Retry-After. 0: no limit.",
+    )
+    login_failures_per_account: int = Field(
+        10,
+        ge=1,
+        description="Failed logins one account may see within TZOO_LOGIN_WINDOW_SECONDS "
+        "before its logins are slowed (from addresses that have not logged in before).",
+    )
+    login_failures_per_ip: int = Field(
+        20,
+        ge=1,
+        description="Failed logins one address may make within TZOO_LOGIN_WINDOW_SECONDS, "
+        "whatever usernames it tries; then it is refused with 429 until the window passes.",
+    )
+    login_window_seconds: int = Field(
+        300, ge=1, description="The window (seconds) the login limits count failures in."
+    )
+    ws_max_message_bytes: int = Field(
+        65536,
+        ge=256,
+        description="Largest WebSocket message (bytes) the lens socket reads; a bigger one "
+        "gets an error reply.",
+    )
+    json_max_depth: int = Field(
+        32,
+        ge=2,
+        le=512,
+        description="Deepest nesting of JSON a WebSocket message may have; deeper gets an "
+        "error reply, never a dropped connection.",
+    )
+
+    @field_validator(
+        "preload", "allowed_origins", "model_dirs", "forwarded_allow_ips", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # Allow TZOO_PRELOAD=a,b as well as a JSON list.

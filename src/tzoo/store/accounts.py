@@ -70,13 +70,15 @@ def _now() -> datetime:
 # --- users ---------------------------------------------------------------------------
 
 
-def create_user(session: Session, *, username: str, password_hash: str) -> User:
+def create_user(
+    session: Session, *, username: str, password_hash: str, is_admin: bool = False
+) -> User:
     """Create an account and commit; UsernameTakenError when the name is taken (also when
     another request takes it at the same moment: the unique index decides)."""
     name = check_username(username)
     if get_user(session, name) is not None:
         raise UsernameTakenError(f"The username {name!r} is taken; pick another.")
-    user = User(username=name, password_hash=password_hash)
+    user = User(username=name, password_hash=password_hash, is_admin=is_admin)
     session.add(user)
     try:
         session.commit()
@@ -89,6 +91,16 @@ def create_user(session: Session, *, username: str, password_hash: str) -> User:
 def get_user(session: Session, username: str) -> User | None:
     """The account with this username (any case), or None."""
     return session.scalar(select(User).where(User.username == normalise_username(username)))
+
+
+def set_admin(session: Session, user: User, is_admin: bool) -> None:
+    """Grant or take back the operator role."""
+    user.is_admin = is_admin
+    session.commit()
+
+
+def list_users(session: Session) -> Sequence[User]:
+    return session.scalars(select(User).order_by(User.id)).all()
 
 
 def set_password_hash(session: Session, user: User, password_hash: str) -> None:

@@ -159,10 +159,13 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True, index=True)
     # An argon2id PHC string ("$argon2id$v=19$m=...,t=...,p=...$salt$hash").
     password_hash: Mapped[str] = mapped_column(String(255))
+    # An operator: may load, unload and switch models for everyone. Only the CLI
+    # (`tzoo users create --admin`, `tzoo users admin`) grants it, never the web.
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
     def __repr__(self) -> str:
-        return f"<User {self.username!r}>"
+        return f"<User {self.username!r}{' admin' if self.is_admin else ''}>"
 
 
 class LoginSession(Base):

@@ -4,6 +4,7 @@ that lets every page show who is logged in."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -49,7 +50,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 # --- who is asking -------------------------------------------------------------------
 
-AuthVia = Literal["token", "session"]
+AuthVia = Literal["token", "session", "api_key"]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # What a cross-site HTML form can send without a CORS preflight.
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
@@ -63,14 +64,33 @@ CSRF_FAILED_API = (
 )
 
 
+ADMIN_REQUIRED = (
+    "Only an operator may do this: an admin account (made with `tzoo users create "
+    "--admin`) or the holder of the server's TZOO_API_KEY."
+)
+
+
 @dataclass(frozen=True)
 class Auth:
     """How the current request is authenticated: by an API token, a login session
-    (``login_session`` set), or not at all (``user`` None)."""
+    (``login_session`` set), the operator's TZOO_API_KEY (``via`` "api_key", no user), or
+    not at all (``user`` None)."""
 
     user: User | None = None
     via: AuthVia | None = None
     login_session: LoginSession | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.via == "api_key" or (self.user is not None and self.user.is_admin)
+
+    @property
+    def client_key(self) -> str | None:
+        """Who this is for per-client quotas: the account, the operator, or None
+        (anonymous: the caller then counts by address)."""
+        if self.via == "api_key":
+            return "operator"
+        return f"user:{self.user.id}" if self.user is not None else None
 
 
 def authenticate(request: Request, session: Session) -> Auth:
@@ -90,7 +110,11 @@ def _bearer_auth(request: Request, session: Session) -> Auth | None:
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer":
         return None
-    row = find_api_token(session, credentials.strip())
+    credentials = credentials.strip()
+    api_key = request.app.state.settings.api_key
+    if api_key and hmac.compare_digest(credentials.encode(), api_key.encode()):
+        return Auth(via="api_key")
+    row = find_api_token(session, credentials)
     if row is None:
         raise HTTPException(
             401,
@@ -132,7 +156,7 @@ async def check_csrf(request: Request, auth: Annotated[Auth, Depends(get_auth)])
     the session's token for a logged-in browser, the signed anonymous nonce for an
     anonymous form. Bearer requests and anonymous non-form requests (JSON: they carry no
     credentials to abuse and cannot be sent cross-site without CORS) pass."""
-    if request.method in _SAFE_METHODS or auth.via == "token":
+    if request.method in _SAFE_METHODS or auth.via in ("token", "api_key"):
         return
     is_form = _is_form(request)
     if auth.login_session is not None:
@@ -143,6 +167,18 @@ async def check_csrf(request: Request, auth: Annotated[Auth, Depends(get_auth)])
         ok = True
     if not ok:
         raise HTTPException(403, CSRF_FAILED_FORM if is_form else CSRF_FAILED_API)
+
+
+def require_admin(
+    auth: Annotated[Auth, Depends(get_auth)], _csrf: Annotated[None, Depends(check_csrf)]
+) -> Auth:
+    """The operator, or 401 (nobody logged in) / 403 (logged in, not an operator). Its
+    writes from a browser carry the CSRF token like every other cookie write."""
+    if auth.is_admin:
+        return auth
+    if auth.user is None:
+        raise HTTPException(401, ADMIN_REQUIRED, headers={"WWW-Authenticate": "Bearer"})
+    raise HTTPException(403, ADMIN_REQUIRED)
 
 
 def _is_form(request: Request) -> bool:
@@ -190,7 +226,7 @@ def template_context(request: Request) -> dict[str, Any]:
         auth = _auth_for_page(request)
     if auth.login_session is not None:
         csrf_token: str | None = auth.login_session.csrf_token
-    elif auth.via == "token":
+    elif auth.via in ("token", "api_key"):
         csrf_token = None
     else:
         csrf_token = anonymous_csrf_token(request)
@@ -210,3 +246,4 @@ CurrentUserDep = Annotated[User | None, Depends(get_current_user)]
 RequiredUserDep = Annotated[User, Depends(require_user)]
 AuthDep = Annotated[Auth, Depends(get_auth)]
 CsrfCheckDep = Annotated[None, Depends(check_csrf)]
+AdminDep = Annotated[Auth, Depends(require_admin)]

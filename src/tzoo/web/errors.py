@@ -102,6 +102,17 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
+def retry_after_of(exc: Exception) -> int | None:
+    """Seconds a client should wait before trying again, for every 429 and a full queue:
+    an error that knows (``retry_after``) says so, the others get a fixed pause."""
+    wait = getattr(exc, "retry_after", None)
+    if isinstance(wait, int | float) and not isinstance(wait, bool):
+        return max(1, int(wait))
+    if isinstance(exc, QueueFullError) or status_for(exc) == 429:
+        return QUEUE_FULL_RETRY_AFTER
+    return None
+
+
 def error_body(exc: Exception) -> dict[str, object]:
     message = exc.message if isinstance(exc, ModelError) else str(exc)
     body: dict[str, object] = {"detail": message, "error": type(exc).__name__}
@@ -114,11 +125,8 @@ def error_body(exc: Exception) -> dict[str, object]:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def _user_error(_request: Request, exc: Exception) -> JSONResponse:
-        headers = (
-            {"Retry-After": str(QUEUE_FULL_RETRY_AFTER)}
-            if isinstance(exc, QueueFullError)
-            else None
-        )
+        wait = retry_after_of(exc)
+        headers = {"Retry-After": str(wait)} if wait is not None else None
         return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
 
     for cls in USER_ERRORS:
