@@ -48,7 +48,9 @@ class Settings(BaseSettings):
         "Empty: a SQLite file under data_dir.",
     )
     redis_url: str | None = Field(
-        None, description="Redis URL for shared caches; empty: in-process caches only."
+        None,
+        description="Redis URL for shared caches and per-client limits (logins, sign-ups, "
+        "rate limits); empty: in-process only.",
     )
     secret_key: str = Field(
         _PLACEHOLDER_SECRET,
@@ -71,9 +73,10 @@ class Settings(BaseSettings):
     memory_budget_mb: float = Field(
         4096,
         gt=0,
-        description="Most memory (MiB) the loaded models may take together; the least "
-        "recently used model is unloaded to make room, and a model larger than the budget "
-        "is refused.",
+        description="Most memory (MiB) the loaded models and the token-wheel sessions' "
+        "key/value caches may take together; the least recently used idle model is unloaded "
+        "to make room, a model larger than the budget is refused, and a session cache that "
+        "does not fit is refused (507).",
     )
     max_model_size_mb: float = Field(
         6144,
@@ -327,8 +330,9 @@ class Settings(BaseSettings):
     login_failures_per_account: int = Field(
         10,
         ge=1,
-        description="Failed logins one account may see within TZOO_LOGIN_WINDOW_SECONDS "
-        "before its logins are slowed (from addresses that have not logged in before).",
+        description="An address's failed logins on one account that come freely within "
+        "TZOO_LOGIN_WINDOW_SECONDS; each further attempt from it waits 5, 10, 20, then 30 s. "
+        "Addresses that have not failed on the account are never slowed, so its owner gets in.",
     )
     login_failures_per_ip: int = Field(
         20,

@@ -341,7 +341,10 @@ def test_api_needs_a_login_and_says_so(client: TestClient) -> None:
     for method, path in (("GET", "/api/me"), ("GET", "/api/tokens"), ("POST", "/api/tokens")):
         response = client.request(method, path, json={"name": "x"})
         assert response.status_code == 401
-        assert response.json() == {"detail": "Log in or send an API token."}
+        assert response.json() == {
+            "detail": "Log in or send an API token.",
+            "error": "Unauthorized",
+        }
 
 
 def test_nobody_can_revoke_someone_elses_token(app: FastAPI, client: TestClient) -> None:

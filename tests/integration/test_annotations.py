@@ -243,7 +243,7 @@ def test_writing_needs_a_login_and_the_csrf_header(app: FastAPI) -> None:
     slug = artefact(app)
     anonymous = TestClient(app).post(f"/api/visualizations/{slug}/annotations", json={"body": "x"})
     assert anonymous.status_code == 401
-    assert anonymous.json() == {"detail": "Log in or send an API token."}
+    assert anonymous.json() == {"detail": "Log in or send an API token.", "error": "Unauthorized"}
     path = f"/api/visualizations/{slug}/annotations"
     assert ada.client.post(path, json={"body": "x"}).status_code == 403
     created = ada.comment(slug, body="x").json()

@@ -9,16 +9,27 @@ import pytest
 from fastapi.testclient import TestClient
 from tzoo_testing import make_settings
 
+from tzoo.config import Settings
 from tzoo.runtime import tiny
 from tzoo.runtime.catalogue import ModelSpec, register_model, unregister_model
 from tzoo.web.app import create_app
 
 MiB = 2**20
+# Loading and unloading are the operator's: the holder of TZOO_API_KEY is one.
+OPERATOR_KEY = "operator-key-for-tests"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+
+
+def operator_settings(tmp_path: Path, **overrides: object) -> Settings:
+    """Settings with the operator's key, and tmp_path as a folder the web may load from."""
+    overrides.setdefault("api_key", OPERATOR_KEY)
+    overrides.setdefault("model_dirs", [tmp_path])
+    return make_settings(tmp_path, **overrides)
 
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(tmp_path))) as test_client:
+    with TestClient(create_app(operator_settings(tmp_path))) as test_client:
         yield test_client
 
 
@@ -38,29 +49,30 @@ def test_models_lists_catalogue_with_required_fields(client: TestClient) -> None
 
 
 def test_load_and_unload_round_trip(client: TestClient) -> None:
-    loaded = client.post("/api/models/tiny-llama/load")
+    loaded = client.post("/api/models/tiny-llama/load", headers=OPERATOR)
     assert loaded.status_code == 200
     body = loaded.json()
     assert (body["n_layers"], body["n_heads"], body["n_kv_heads"]) == (2, 4, 2)
     assert body["memory_used_bytes"] == body["size_bytes"] > 0
     models = {m["name"]: m for m in client.get("/api/models").json()}
     assert models["tiny-llama"]["loaded"] is True
-    unloaded = client.post("/api/models/tiny-llama/unload").json()
+    unloaded = client.post("/api/models/tiny-llama/unload", headers=OPERATOR).json()
     assert unloaded == {"name": "tiny-llama", "unloaded": True, "memory_used_bytes": 0}
-    assert client.post("/api/models/tiny-llama/unload").json()["unloaded"] is False
+    second = client.post("/api/models/tiny-llama/unload", headers=OPERATOR)
+    assert second.json()["unloaded"] is False
 
 
 def test_unknown_model_is_404_naming_known_models(client: TestClient) -> None:
     for path in ("/api/models/gpt-17/load", "/api/models/gpt-17/unload"):
-        response = client.post(path)
+        response = client.post(path, headers=OPERATOR)
         assert response.status_code == 404
         body = response.json()
         assert "gpt-17" in body["detail"] and "tiny-gpt2" in body["known"]
 
 
 def test_model_over_budget_is_413_with_sizes(tmp_path: Path) -> None:
-    with TestClient(create_app(make_settings(tmp_path, memory_budget_mb=0.25))) as client:
-        response = client.post("/api/models/tiny-gpt2/load")
+    with TestClient(create_app(operator_settings(tmp_path, memory_budget_mb=0.25))) as client:
+        response = client.post("/api/models/tiny-gpt2/load", headers=OPERATOR)
     assert response.status_code == 413
     body = response.json()
     assert body["size_bytes"] > body["limit_bytes"] == int(0.25 * MiB)
@@ -69,7 +81,7 @@ def test_model_over_budget_is_413_with_sizes(tmp_path: Path) -> None:
 
 def test_directory_that_is_not_a_model_is_422(client: TestClient, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    response = client.post(f"/api/models/{tmp_path / 'empty'}/load")
+    response = client.post(f"/api/models/{tmp_path / 'empty'}/load", headers=OPERATOR)
     assert response.status_code == 422
     assert "not a model" in response.json()["detail"]
 
@@ -81,10 +93,10 @@ def test_corrupt_weights_are_422_and_the_server_keeps_working(
     tiny.build_model("gpt2").save_pretrained(directory)
     tiny.build_tokenizer("gpt2").save_pretrained(directory)
     (directory / "model.safetensors").write_bytes(b"\x00" * 64)
-    response = client.post(f"/api/models/{directory}/load")
+    response = client.post(f"/api/models/{directory}/load", headers=OPERATOR)
     assert response.status_code == 422
     assert "Cannot load a model" in response.json()["detail"]
-    assert client.post("/api/models/tiny-gpt2/load").status_code == 200
+    assert client.post("/api/models/tiny-gpt2/load", headers=OPERATOR).status_code == 200
 
 
 def test_unexpected_errors_are_500_without_a_trace(tmp_path: Path) -> None:
@@ -96,9 +108,9 @@ def test_unexpected_errors_are_500_without_a_trace(tmp_path: Path) -> None:
 
     register_model(ModelSpec("broken", "explodes", "decoder", BrokenSource("gpt2")), replace=True)
     try:
-        app = create_app(make_settings(tmp_path))
+        app = create_app(operator_settings(tmp_path))
         with TestClient(app, raise_server_exceptions=False) as client:
-            response = client.post("/api/models/broken/load")
+            response = client.post("/api/models/broken/load", headers=OPERATOR)
     finally:
         unregister_model("broken")
     assert response.status_code == 500
@@ -165,12 +177,13 @@ def test_migrations_run_on_start(tmp_path: Path) -> None:
         ("a" * 300, 404, "Unknown model"),  # longer than a file name may be
         ("x%01y", 422, "control characters"),
         ("%20", 422, "model name is required"),
-        ("~nobody-here/x", 404, "Unknown model"),
+        # A path, and not an absolute one under TZOO_MODEL_DIRS: refused without a look.
+        ("~nobody-here/x", 403, "TZOO_MODEL_DIRS"),
     ],
 )
 def test_malformed_model_names_get_clear_errors(
     client: TestClient, name: str, status: int, phrase: str
 ) -> None:
-    response = client.post(f"/api/models/{name}/load")
+    response = client.post(f"/api/models/{name}/load", headers=OPERATOR)
     assert response.status_code == status, response.text
     assert phrase in response.json()["detail"]

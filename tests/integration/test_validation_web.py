@@ -116,7 +116,12 @@ def test_a_catalogue_model_is_validated_and_its_report_kept(client: TestClient) 
     assert "no check failed" in page.text
     markdown = client.get(f"/api/validations/{slug}", params={"format": "markdown"})
     assert markdown.text.startswith("# Validation of tiny-gpt2")
-    assert "<table>" in client.get(f"/api/validations/{slug}", params={"format": "html"}).text
+    html_report = client.get(f"/api/validations/{slug}", params={"format": "html"})
+    assert "<table>" in html_report.text and "<style>" in html_report.text
+    # Its inline styles are allowed by a policy of its own; scripts are not.
+    policy = html_report.headers["content-security-policy"]
+    assert "style-src 'unsafe-inline'" in policy and "script-src" not in policy
+    assert "default-src 'none'" in policy
     assert slug in client.get("/validate").text  # listed among the recent reports
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from argon2 import PasswordHasher
 
+from tzoo.service.quotas import MemoryQuotas
 from tzoo.web import security
 from tzoo.web.security import (
     LoginLimiter,
+    LoginThrottledError,
     PasswordRuleError,
     check_new_password,
     hash_password,
@@ -85,29 +87,40 @@ class FakeClock:
         return self.now
 
 
-def test_limiter_blocks_after_max_failures_until_the_window_passes() -> None:
+def limiter_on(clock: FakeClock, **options: float) -> LoginLimiter:
+    values = {"failures_per_account": 3, "failures_per_ip": 5, "window_seconds": 60, **options}
+    return LoginLimiter(MemoryQuotas(clock=clock), **values)  # type: ignore[arg-type]
+
+
+def test_limiter_slows_an_account_after_its_failures_with_growing_delays() -> None:
     clock = FakeClock()
-    limiter = LoginLimiter(max_failures=3, window_seconds=60, clock=clock)
+    limiter = limiter_on(clock, failures_per_ip=100, window_seconds=600)
     for _ in range(3):
-        assert limiter.retry_after("ip|ada") is None
-        limiter.failed("ip|ada")
-        clock.now += 1
-    wait = limiter.retry_after("ip|ada")
-    assert wait is not None and 55 <= wait <= 60
-    assert limiter.retry_after("ip|bob") is None
-    clock.now += wait
-    assert limiter.retry_after("ip|ada") is None
+        limiter.failed(limiter.begin("ada", "ip"))
+    waits = []
+    for _ in range(6):
+        with pytest.raises(LoginThrottledError) as refused:
+            limiter.begin("ada", "ip")
+        waits.append(refused.value.retry_after)
+        clock.now += refused.value.retry_after
+        limiter.failed(limiter.begin("ada", "ip"))
+    assert waits == [5, 10, 20, 30, 30, 30]  # doubling, capped at 30 s
+    limiter.begin("bob", "ip")  # other accounts from the same address are not slowed
+    limiter.begin("ada", "elsewhere")  # nor this account from another address
 
 
-def test_limiter_forgets_a_key_after_success_and_caps_its_memory() -> None:
-    limiter = LoginLimiter(max_failures=2, window_seconds=60, max_keys=3, clock=FakeClock())
-    limiter.failed("a")
-    limiter.succeeded("a")
-    limiter.failed("a")
-    assert limiter.retry_after("a") is None
-    for key in ("b", "c", "d", "e"):
-        limiter.failed(key)
-    assert len(limiter._failures) == 3
+def test_limiter_forgets_an_account_s_failures_after_success_and_caps_its_memory() -> None:
+    clock = FakeClock()
+    limiter = limiter_on(clock)
+    for _ in range(2):
+        limiter.failed(limiter.begin("ada", "ip"))
+    limiter.succeeded(limiter.begin("ada", "ip"))
+    for _ in range(3):
+        limiter.failed(limiter.begin("ada", "ip"))  # three free ones again
+    quotas = MemoryQuotas(clock=clock, max_keys=3)
+    for key in ("a", "b", "c", "d", "e"):
+        quotas.hit(key, 2, 60)
+    assert len(quotas) == 3
 
 
 @pytest.mark.parametrize(

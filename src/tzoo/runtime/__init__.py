@@ -13,12 +13,13 @@ from tzoo.runtime.errors import (
 )
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.hooks import ActivationCache, hook_points, patch, register_adapter, run_with_cache
-from tzoo.runtime.manager import ModelBusyError, ModelManager, ModelStatus
+from tzoo.runtime.manager import MemoryBudgetError, ModelBusyError, ModelManager, ModelStatus
 
 __all__ = [
     "ActivationCache",
     "DeviceError",
     "InvalidModelNameError",
+    "MemoryBudgetError",
     "ModelBusyError",
     "ModelError",
     "ModelHandle",

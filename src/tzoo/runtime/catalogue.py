@@ -7,6 +7,7 @@ points at a function ``register(register_model)``; the core never needs editing.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -37,6 +38,8 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _plugins_loaded = False
+_LOADING = threading.RLock()  # first use from several request threads at once
+_filling = False
 
 
 def register_model(spec: ModelSpec, *, replace: bool = False) -> None:
@@ -113,14 +116,20 @@ def _builtin_specs() -> list[ModelSpec]:
 
 
 def _ensure_loaded() -> None:
-    global _plugins_loaded
+    global _plugins_loaded, _filling
     if _plugins_loaded:
         return
-    _plugins_loaded = True
-    for spec in _builtin_specs():
-        _REGISTRY.setdefault(spec.name, spec)
-    for ep in entry_points(group="tzoo.models"):
-        ep.load()(register_model)
+    with _LOADING:  # other threads wait for the whole catalogue, never see it half-filled
+        if _plugins_loaded or _filling:  # _filling: a plugin asked for it while registering
+            return
+        _filling = True
+        try:
+            for spec in _builtin_specs():
+                _REGISTRY.setdefault(spec.name, spec)
+            for ep in entry_points(group="tzoo.models"):
+                ep.load()(register_model)
+        finally:
+            _plugins_loaded, _filling = True, False
 
 
 def catalogue() -> list[ModelSpec]:

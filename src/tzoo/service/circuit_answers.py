@@ -125,6 +125,13 @@ class ExplanationJob:
     def is_finished(self) -> bool:
         return self.state in ("done", "failed")
 
+    def visible_to(self, username: str | None) -> bool:
+        """Whether ``username`` (None: anonymous) may follow the job: one whose answer
+        will be private (a private graph's) is its owner's alone, as the answer is."""
+        return self.visibility != "private" or (
+            username is not None and self.owner is not None and username == self.owner
+        )
+
 
 class ExplanationJobs:
     """The explanation jobs of one app: submit, read back, and the worker threads."""

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from tzoo.analyses.attention import EmptyInputError
 from tzoo.analyses.lens import count_tokens, logit_lens_batch
@@ -48,6 +48,10 @@ ANALYSES: tuple[Analysis, ...] = ("logit_lens", "tuned_lens", "verbalize")
 LENS_ANALYSES = frozenset({"logit_lens", "tuned_lens"})
 # Finished requests kept for /status, at most; the oldest go first.
 MAX_RETAINED = 1000
+# Bounds on layer and position numbers in options (negative: from the end); far above any
+# model, so an absurd value is a 422 at the door rather than an overflow inside.
+MAX_LAYER = 10_000
+MAX_POSITION = 1_000_000
 Listener = Callable[[str], None]
 
 
@@ -76,17 +80,28 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: int = Field(5, ge=1, le=50, description="Top tokens kept per layer and position (lens)")
-    layer: int | None = Field(
-        None, description="Source layer (verbalize); default: the group's verbalize_layer"
+    # StrictInt: JSON true/false is no number here (pydantic would take it as 1/0).
+    k: StrictInt = Field(
+        5, ge=1, le=50, description="Top tokens kept per layer and position (lens)"
     )
-    target_layer: int | None = Field(
-        None, description="Layer the vector is written at in the identity prompt (verbalize)"
+    layer: StrictInt | None = Field(
+        None,
+        ge=-MAX_LAYER,
+        le=MAX_LAYER,
+        description="Source layer (verbalize); default: the group's verbalize_layer",
     )
-    positions: tuple[int, ...] | None = Field(
-        None, max_length=4096, description="Token positions to explain (verbalize; default all)"
+    target_layer: StrictInt | None = Field(
+        None,
+        ge=-MAX_LAYER,
+        le=MAX_LAYER,
+        description="Layer the vector is written at in the identity prompt (verbalize)",
     )
-    max_new_tokens: int = Field(8, ge=1, le=64, description="Words per explanation, at most")
+    positions: tuple[Annotated[StrictInt, Field(ge=-MAX_POSITION, le=MAX_POSITION)], ...] | None = (
+        Field(
+            None, max_length=4096, description="Token positions to explain (verbalize; default all)"
+        )
+    )
+    max_new_tokens: StrictInt = Field(8, ge=1, le=64, description="Words per explanation, at most")
     identity_prompt: str | None = Field(None, min_length=1, max_length=2000)
 
 
@@ -110,7 +125,10 @@ class Job:
     group: ModelGroup
     text: str
     options: JobOptions
-    client_id: str | None = None
+    client_id: str | None = None  # the WebSocket connection that sent it, if any
+    # Who sent it: "user:<id>", "operator", "ws:<connection>" or "ip:<address>" (see
+    # routes/lens_service); status and cancel of someone else's request are a 404.
+    owner: str | None = None
     listener: Listener | None = None
     client_request_id: str | None = None  # the client's own tag, echoed in "queued"
     created: float = field(default_factory=time.monotonic)
@@ -243,6 +261,7 @@ class JobQueue:
         group: str | None = None,
         options: JobOptions | None = None,
         client_id: str | None = None,
+        owner: str | None = None,
         listener: Listener | None = None,
         client_request_id: str | None = None,
     ) -> Job:
@@ -273,6 +292,7 @@ class JobQueue:
             text=text,
             options=options or JobOptions(),
             client_id=client_id,
+            owner=owner,
             listener=listener,
             client_request_id=client_request_id,
         )
@@ -293,9 +313,17 @@ class JobQueue:
         self._wake()
         return job
 
-    def get(self, request_id: str, client_id: str | None = None) -> Job:
+    def get(
+        self, request_id: str, client_id: str | None = None, *, owner: str | None = None
+    ) -> Job:
+        """The request ``request_id``; with ``client_id`` (a connection) or ``owner`` (a
+        sender) only if it is theirs: someone else's is as unknown as a made-up id."""
         job = self._jobs.get(request_id)
-        if job is None or (client_id is not None and job.client_id != client_id):
+        if (
+            job is None
+            or (client_id is not None and job.client_id != client_id)
+            or (owner is not None and job.owner != owner)
+        ):
             raise RequestNotFoundError(
                 f"No request {request_id!r}"
                 + (" from this connection." if client_id is not None else "; it may have expired.")

@@ -35,6 +35,7 @@ from tzoo.analyses.tuned_lens import (
 from tzoo.config import Settings
 from tzoo.runtime.handle import ModelHandle
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.model_loading import public_model_label
 
 BUNDLED_GROUPS = Path(str(files("tzoo") / "data" / "model_groups.json"))
 
@@ -123,8 +124,9 @@ class ModelGroups:
             raise UnknownGroupError(name, self.names())
         return group
 
-    def describe(self) -> list[dict[str, object]]:
-        """What /api/v2/models and the WebSocket list: one entry per group."""
+    def describe(self, *, operator: bool = False) -> list[dict[str, object]]:
+        """What /api/v2/models and the WebSocket list: one entry per group. A group whose
+        model is a local path shows "local directory" to all but the ``operator``."""
         loaded = set(self.manager.loaded_names())
         rows = []
         for group in self.groups.values():
@@ -132,7 +134,7 @@ class ModelGroups:
             rows.append(
                 {
                     "name": group.name,
-                    "model": group.model,
+                    "model": group.model if operator else public_model_label(group.model),
                     "description": group.description,
                     "tuned_lens": self.has_tuned_lens(group),
                     "loaded": handle_loaded,
@@ -178,10 +180,11 @@ class ModelGroups:
         try:
             lens = TunedLens.load(group.tuned_lens_dir)
         except LensNotFoundError:
+            # The sentence names no server path: anyone may read it.
             raise TunedLensMissingError(
-                f"Model group {group.name!r} has no tuned lens yet (looked in "
-                f"{group.tuned_lens_dir}); train one with `tzoo lens train --model "
-                f"{group.model}`, or use the logit lens."
+                f"Model group {group.name!r} has no tuned lens yet (none is saved where the "
+                "groups file's tuned_lens or TZOO_TUNED_LENS_DIR says); train one with "
+                f"`tzoo lens train --model {group.model}`, or use the logit lens."
             ) from None
         with self._lock:
             return self._lenses.setdefault(group.name, lens)

@@ -1,8 +1,13 @@
 """What ``GET /api/gpu_stats`` reports: each GPU's memory and utilisation where there are
-GPUs, and always the CPU, RAM, this process and the loaded models."""
+GPUs, and always the CPU, RAM and the loaded models; for the operator also this process
+and the host (pid, hostname, data and cache folders) and models' paths. Anyone else sees
+no server paths and no host details: a model loaded from a local path is "local
+directory"."""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 import psutil
@@ -10,11 +15,13 @@ import torch
 
 from tzoo.runtime.devices import resolve_device
 from tzoo.runtime.manager import ModelManager
+from tzoo.service.model_loading import public_model_label
 
 
-def system_stats(manager: ModelManager) -> dict[str, Any]:
+def system_stats(manager: ModelManager, *, operator: bool = False) -> dict[str, Any]:
     memory = psutil.virtual_memory()
-    return {
+    loaded = manager.loaded_names()
+    stats: dict[str, Any] = {
         "device": resolve_device(manager.settings.device),
         "gpus": _gpus(),
         "cpu": {
@@ -28,13 +35,21 @@ def system_stats(manager: ModelManager) -> dict[str, Any]:
             "available_bytes": memory.available,
             "used_percent": memory.percent,
         },
-        "process": {"rss_bytes": psutil.Process().memory_info().rss},
         "models": {
-            "loaded": manager.loaded_names(),
+            "loaded": loaded if operator else [public_model_label(name) for name in loaded],
             "used_bytes": manager.used_bytes,
             "budget_bytes": manager.budget_bytes,
         },
     }
+    if operator:
+        settings = manager.settings
+        stats["process"] = {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss}
+        stats["host"] = {
+            "hostname": socket.gethostname(),
+            "data_dir": str(settings.data_dir),
+            "cache_dir": str(settings.cache_dir),
+        }
+    return stats
 
 
 def _gpus() -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tzoo.config import Settings
 from tzoo.runtime.catalogue import resolve
 from tzoo.service.lens_jobs import QueueFullError
+from tzoo.service.quotas import QuotaExceededError
 from tzoo.store.artefacts import create_artefact
 from tzoo.store.models import Artefact
 from tzoo.validation.registry import registered
@@ -39,6 +40,8 @@ VALIDATION_KIND = "validation_report"
 MAX_WAITING_JOBS = 8
 MAX_FINISHED_JOBS = 64
 _TAIL_LINES = 20  # of the worker's stderr, kept for a failure's message
+# What a client over TZOO_VALIDATIONS_PER_ACCOUNT is told to wait: about one quick run.
+BUSY_RETRY_AFTER = 30
 
 
 class ValidationRequestError(ValueError):
@@ -57,6 +60,15 @@ class NoSuchValidationJobError(LookupError):
     """No job with this id (or it finished long ago and was forgotten)."""
 
 
+def no_such_job(job_id: str) -> NoSuchValidationJobError:
+    """The one answer for an unknown job and for a job the caller may not see."""
+    return NoSuchValidationJobError(f"No validation job {job_id!r} (it may have ended long ago).")
+
+
+class TooManyValidationsError(QuotaExceededError):
+    """The client has TZOO_VALIDATIONS_PER_ACCOUNT runs queued or running already."""
+
+
 @dataclass
 class ValidationJob:
     id: str
@@ -66,6 +78,7 @@ class ValidationJob:
     owner: str | None
     visibility: str
     workdir: Path
+    client: str | None = None  # whose quota it counts against (web/deps.client_key)
     state: str = "queued"  # queued | running | done | failed
     done: int = 0
     total: int = 0
@@ -81,6 +94,13 @@ class ValidationJob:
     @property
     def is_finished(self) -> bool:
         return self.state in ("done", "failed")
+
+    def visible_to(self, username: str | None) -> bool:
+        """Whether ``username`` (None: anonymous) may follow the job: a private report's
+        job is its owner's alone, as the report is."""
+        return self.visibility != "private" or (
+            username is not None and self.owner is not None and username == self.owner
+        )
 
 
 class ValidationJobs:
@@ -115,10 +135,14 @@ class ValidationJobs:
         checks: tuple[str, ...] | None = None,
         owner: str | None = None,
         visibility: str = "public",
+        client: str | None = None,
     ) -> ValidationJob:
         """Queue a validation of catalogue model ``model_name`` or of uploaded
         ``model_code`` (with ``config``). Raises ValidationRequestError, UploadsDisabledError,
-        UploadTooLargeError, UnknownModelError and QueueFullError at once."""
+        UploadTooLargeError, UnknownModelError and QueueFullError at once, and
+        TooManyValidationsError when ``client`` (None: not counted) has
+        TZOO_VALIDATIONS_PER_ACCOUNT runs queued or running: each run is a worker process
+        of its own that may take gigabytes, so one account cannot fill the queue."""
         if (model_name is None) == (model_code is None):
             raise ValidationRequestError("Give either a catalogue model or a model.py file.")
         if not tiers or not set(tiers) <= {1, 2, 3, 4}:
@@ -169,11 +193,19 @@ class ValidationJobs:
         job_id = uuid.uuid4().hex
         workdir = self.settings.data_dir / "validation_jobs" / job_id
         job = ValidationJob(
-            job_id, label, model_name, tuple(sorted(set(tiers))), owner, visibility, workdir
+            job_id,
+            label,
+            model_name,
+            tuple(sorted(set(tiers))),
+            owner,
+            visibility,
+            workdir,
+            client=client,
         )
         with self._lock:
             if self._closed:
                 raise QueueFullError("The server is shutting down; try again when it is back.")
+            self._check_client_quota(client)
             waiting = sum(not j.is_finished for j in self._jobs.values())
             if waiting >= self.max_waiting:
                 raise QueueFullError(
@@ -201,13 +233,24 @@ class ValidationJobs:
         self._executor.submit(self._run, job)
         return job
 
+    def _check_client_quota(self, client: str | None) -> None:
+        """Under the lock, so parallel submissions cannot pass the limit together."""
+        limit = self.settings.validations_per_account
+        if client is None:
+            return
+        mine = sum(j.client == client and not j.is_finished for j in self._jobs.values())
+        if mine >= limit:
+            raise TooManyValidationsError(
+                f"You have {mine} validations queued or running; at most {limit} at once "
+                "(TZOO_VALIDATIONS_PER_ACCOUNT). Wait for one to finish and try again.",
+                BUSY_RETRY_AFTER,
+            )
+
     def get(self, job_id: str) -> ValidationJob:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise NoSuchValidationJobError(
-                f"No validation job {job_id!r} (it may have ended long ago)."
-            )
+            raise no_such_job(job_id)
         return job
 
     def status(self, job: ValidationJob) -> dict[str, Any]:

@@ -19,13 +19,33 @@ while sessions on the same model stay independent (their own cache objects).
 after ``wheel_session_ttl_seconds`` and ``run_cleanup_loop`` sweeps them every
 ``wheel_cleanup_interval_seconds``; the number of sessions and the length of a context
 are capped by settings.
+
+Limits that hold against one greedy client:
+
+- Each session belongs to its creator. It has a random ``key`` (returned once, at
+  creation); ``SessionStore.get_owned`` opens a session only for that key (compared in
+  constant time) or for the signed-in account that created it, and answers anyone else
+  exactly as for an unknown id, so a leaked id reveals nothing.
+- One client (an account, or an address) may hold ``wheel_sessions_per_client`` sessions,
+  all clients together ``wheel_max_sessions``; more get TooManySessionsError, whose
+  ``retry_after`` says when the oldest idle one would expire.
+- A session pins its model in the ModelManager (no eviction, no unload under it: 409)
+  and reserves its key/value cache and kept logits in the memory budget before each
+  forward pass that grows them (an estimate from the model's shape, corrected after
+  the pass by measuring). A growth that does not fit is refused with MemoryBudgetError.
+- Delete and expiry close a session: the cache and logits are dropped, the pin and the
+  reservation released, and the freed heap pages handed back to the system.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import inspect
+import math
+import secrets
 import threading
 import time
 import uuid
@@ -49,10 +69,12 @@ from tzoo.analyses.next_token import (
 )
 from tzoo.config import Settings
 from tzoo.runtime.handle import ModelHandle
-from tzoo.runtime.manager import ModelManager
+from tzoo.runtime.manager import ModelManager, return_freed_memory
 
 CONTEXT_LIMIT_SETTING = "TZOO_WHEEL_MAX_CONTEXT_TOKENS"
 SESSIONS_LIMIT_SETTING = "TZOO_WHEEL_MAX_SESSIONS"
+PER_CLIENT_SETTING = "TZOO_WHEEL_SESSIONS_PER_CLIENT"
+HOLDER_KIND = "token-wheel session"  # how the model manager names a session's pin
 LOGIT_HISTORY = 16  # earlier last-position logit vectors kept (besides the prompt's)
 Choice = Literal["token", "other"]
 Clock = Callable[[], float]
@@ -65,25 +87,45 @@ R = TypeVar("R")
 
 
 class SessionNotFoundError(LookupError):
-    """No live session has this id (never created, deleted, or expired). HTTP 404."""
+    """No live session has this id (never created, deleted, or expired), or the caller
+    does not hold its key: the same answer for both, so it reveals nothing. HTTP 404."""
 
     def __init__(self, session_id: str, ttl_seconds: int) -> None:
+        shown = session_id if len(session_id) <= 64 else session_id[:64] + "…"
         super().__init__(
-            f"No session {session_id}; it may have expired after {_duration(ttl_seconds)} idle."
+            f"No session {shown}; it may have expired after {_duration(ttl_seconds)} idle."
         )
         self.session_id = session_id
 
 
 class TooManySessionsError(RuntimeError):
-    """The most live sessions allowed already exist. HTTP 429."""
+    """The most live sessions allowed already exist. HTTP 429 with Retry-After:
+    ``retry_after`` seconds, until the oldest idle session would expire."""
 
-    def __init__(self, limit: int, ttl_seconds: int) -> None:
+    def __init__(self, limit: int, ttl_seconds: int, retry_after: float | None = None) -> None:
         super().__init__(
             f"There are already {limit} token-wheel sessions, the most allowed "
             f"({SESSIONS_LIMIT_SETTING}); delete one or try again when an idle one has "
             f"expired (after {_duration(ttl_seconds)})."
         )
         self.limit = limit
+        self.retry_after = _seconds(ttl_seconds if retry_after is None else retry_after)
+
+
+class TooManyClientSessionsError(TooManySessionsError):
+    """This client (account or address) already holds its most sessions. HTTP 429 with
+    Retry-After: ``retry_after`` seconds, until its oldest idle session would expire."""
+
+    def __init__(self, limit: int, ttl_seconds: int, retry_after: float) -> None:
+        RuntimeError.__init__(
+            self,
+            f"You already have {limit} token-wheel sessions, the most one client may hold "
+            f"({PER_CLIENT_SETTING}); delete one you no longer use (the wheel page deletes "
+            f"its old session when you start a new one), or try again in "
+            f"{_duration(_seconds(retry_after))}, when your oldest idle one expires.",
+        )
+        self.limit = limit
+        self.retry_after = _seconds(retry_after)
 
 
 class ContextTooLongError(ValueError):
@@ -107,6 +149,11 @@ def _duration(seconds: int) -> str:
         return f"{seconds} second{'s' * (seconds != 1)}"
     minutes = seconds // 60
     return f"{minutes} minute{'s' * (minutes != 1)}"
+
+
+def _seconds(wait: float) -> int:
+    """A wait as whole seconds for Retry-After: rounded up, at least 1."""
+    return max(1, math.ceil(wait))
 
 
 def _iso(timestamp: float) -> str:
@@ -136,11 +183,14 @@ class Step:
 def _locked(
     method: Callable[Concatenate[WheelSession, P], R],
 ) -> Callable[Concatenate[WheelSession, P], R]:
-    """Run ``method`` holding the session's lock."""
+    """Run ``method`` holding the session's lock; SessionNotFoundError once it is closed
+    (a request that fetched the session just before another deleted it)."""
 
     @functools.wraps(method)
     def wrapper(self: WheelSession, *args: P.args, **kwargs: P.kwargs) -> R:
         with self.lock:
+            if self.closed:
+                raise SessionNotFoundError(self.id, self.ttl_seconds)
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -180,6 +230,21 @@ def _croppable(cache: Any) -> bool:
     return bool(getattr(cache, "is_croppable", True))
 
 
+def kv_bytes_per_token(handle: ModelHandle) -> int:
+    """Bytes one token adds to the key/value cache: keys and values of every layer's
+    key/value heads (an estimate from the config; sessions correct it by measuring)."""
+    try:
+        head_dim = getattr(handle.config, "head_dim", None) or handle.d_model // handle.n_heads
+        itemsize = torch.empty((), dtype=handle.dtype).element_size()
+        return int(2 * handle.n_layers * handle.n_kv_heads * int(head_dim) * itemsize)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes held by the key/value tensors of a cache, counting each storage once (a
     cropped layer is a view that still holds its old storage until the next append)."""
@@ -213,8 +278,19 @@ class WheelSession:
         ttl_seconds: int,
         clock: Clock = time.time,
         logit_history: int = LOGIT_HISTORY,
+        session_id: str | None = None,
+        client: str | None = None,
+        owner: str | None = None,
     ) -> None:
-        self.id = str(uuid.uuid4())
+        self.id = session_id or str(uuid.uuid4())
+        # The secret that opens the session (given to its creator once); only its digest
+        # is compared, in constant time.
+        self.key = secrets.token_urlsafe(32)
+        self._key_digest = key_digest(self.key)
+        self.client = client  # who it counts against: "user:7", "ip:203.0.113.9", None
+        self.owner = owner  # the signed-in account that may open it without the key
+        self.holder = f"wheel:{self.id}"  # its name in the model manager
+        self.closed = False
         self.model_name = handle.name
         self.prompt = ""
         self.prompt_ids: list[int] = []
@@ -229,6 +305,23 @@ class WheelSession:
         self._history = max(0, logit_history)
         self._cache: Any = None  # covers context_ids()[: cache length]
         self._logits: dict[int, np.ndarray] = {}  # context length -> last logits (V,) float32
+        self._token_bytes = kv_bytes_per_token(handle)  # measured after each pass
+
+    # -- who may open it ---------------------------------------------------------------------
+    def allows(self, key: str | None, account: str | None) -> bool:
+        """Whether a caller holding ``key``, signed in as ``account``, may use this session:
+        the right key, or the account that created it. Constant time in the key."""
+        key_ok = hmac.compare_digest(key_digest(key or ""), self._key_digest)
+        return key_ok or (self.owner is not None and account == self.owner)
+
+    def close(self) -> None:
+        """Drop the cache and logits and give back the model pin and the reservation
+        (waits for a request running on the session to finish)."""
+        with self.lock:
+            self.closed = True
+            self._cache = None
+            self._logits = {}
+        self._manager.release(self.holder)
 
     # -- state -------------------------------------------------------------------------------
     def touch(self, now: float) -> None:
@@ -268,11 +361,17 @@ class WheelSession:
                 "to predict from. Type at least one character."
             )
         self._check_length(len(ids))
-        logits, cache = self._forward(ids, past=None, use_cache=True)  # state kept on error
+        self._reserve(n_tokens=len(ids), n_logits=1)  # the new state replaces the old one
+        try:
+            logits, cache = self._forward(ids, past=None, use_cache=True)  # state kept on error
+        except BaseException:
+            self._settle_reservation()  # back to what the old state holds
+            raise
         self.prompt = prompt if prompt is not None else str(self._tokenizer.decode(ids))
         self.prompt_ids, self.steps = ids, []
         self._cache = cache if _croppable(cache) else None
         self._logits = {len(ids): logits}
+        self._settle_reservation()
 
     # -- distributions -----------------------------------------------------------------------
     @_locked
@@ -360,9 +459,13 @@ class WheelSession:
             seed=seed,
         )
         context = [*self.context_ids(), token_id]
-        logits = self._advance(context, 1)
-        self.steps.append(step)
-        self._remember(len(context), logits)
+        self._reserve(n_tokens=len(context), n_logits=len(self._logits) + 1)
+        try:
+            logits = self._advance(context, 1)
+            self.steps.append(step)
+            self._remember(len(context), logits)
+        finally:
+            self._settle_reservation()
         return step
 
     @_locked
@@ -373,12 +476,36 @@ class WheelSession:
         step = self.steps.pop()
         context = self.context_ids()
         self._logits.pop(len(context) + 1, None)
-        if len(context) in self._logits:
-            self._crop(len(context))
-        else:  # older than the logit history: run the last token again
-            self._crop(len(context) - 1)
-            self._remember(len(context), self._advance(context, 1))
+        try:
+            if len(context) in self._logits:
+                self._crop(len(context))
+            else:  # older than the logit history: run the last token again
+                self._crop(len(context) - 1)
+                self._remember(len(context), self._advance(context, 1))
+        finally:
+            self._settle_reservation()
         return step
+
+    # -- the memory budget -------------------------------------------------------------------
+    def _reserve(self, *, n_tokens: int, n_logits: int) -> None:
+        """Before a pass: reserve what the session will hold after it (``n_tokens`` in the
+        cache, ``n_logits`` kept vectors), if that is more than it holds now; the manager
+        raises MemoryBudgetError, the state unchanged, when it does not fit."""
+        estimate = n_tokens * self._token_bytes + n_logits * self._vocab_size * 4
+        if estimate > self._manager.reserved_by(self.holder):
+            self._manager.reserve(self.holder, estimate, kind=HOLDER_KIND)
+
+    def _settle_reservation(self) -> None:
+        """After a pass: reserve exactly what the session holds (measured), and learn the
+        real bytes per token for the next estimate."""
+        held = self.memory_bytes()
+        if self._cache is not None:
+            length = int(self._cache.get_seq_length())
+            if length > 0 and held["kv_cache"]:
+                self._token_bytes = math.ceil(held["kv_cache"] / length)
+        self._manager.reserve(
+            self.holder, held["kv_cache"] + held["logits"], kind=HOLDER_KIND, must_fit=False
+        )
 
     # -- the cache ---------------------------------------------------------------------------
     def _advance(self, context: list[int], n_new: int) -> np.ndarray:
@@ -436,13 +563,14 @@ class WheelSession:
             raise ContextTooLongError(n_tokens, self._limit, self._limit_source)
 
     # -- views -------------------------------------------------------------------------------
-    @_locked
     def memory_bytes(self) -> dict[str, int]:
-        """What this session holds: key/value cache and kept logit vectors, in bytes."""
-        return {
-            "kv_cache": cache_bytes(self._cache),
-            "logits": sum(v.nbytes for v in self._logits.values()),
-        }
+        """What this session holds: key/value cache and kept logit vectors, in bytes
+        (zeros once closed)."""
+        with self.lock:
+            return {
+                "kv_cache": cache_bytes(self._cache),
+                "logits": sum(v.nbytes for v in self._logits.values()),
+            }
 
     @_locked
     def appended_text(self) -> str:
@@ -473,6 +601,19 @@ class WheelSession:
             "last_used": _iso(self.last_used),
             "expires_at": _iso(self.expires_at),
         }
+
+
+class _Nobody:
+    """Stands in for a missing session so a key is compared all the same."""
+
+    _key_digest = key_digest(secrets.token_urlsafe(32))
+
+    def allows(self, key: str | None, account: str | None) -> bool:
+        hmac.compare_digest(key_digest(key or ""), self._key_digest)
+        return False
+
+
+_NOBODY = _Nobody()
 
 
 def _context_limit(handle: ModelHandle, setting: int) -> tuple[int, str]:
@@ -517,63 +658,138 @@ class SessionStore:
         with self._lock:
             return len(self._sessions)
 
-    def create(self, model_name: str) -> WheelSession:
-        """A new session on ``model_name`` (loaded if needed); no prompt yet."""
-        handle = self._manager.get(model_name)
-        check_causal(handle)
-        with self._lock:
-            self._drop_expired()
-            limit = self.settings.wheel_max_sessions
-            if len(self._sessions) >= limit:
-                raise TooManySessionsError(limit, self.ttl_seconds)
-            session = WheelSession(
-                self._manager,
-                handle,
-                max_context_tokens=self.settings.wheel_max_context_tokens,
-                ttl_seconds=self.ttl_seconds,
-                clock=self._clock,
-                logit_history=self._logit_history,
-            )
-            self._sessions[session.id] = session
+    def create(
+        self, model_name: str, *, client: str | None = None, owner: str | None = None
+    ) -> WheelSession:
+        """A new session on ``model_name`` (loaded if needed, and pinned while the session
+        lives); no prompt yet. ``client`` is who it counts against for the per-client
+        limit (None: no such limit), ``owner`` the signed-in account that may open it
+        without its key. TooManySessionsError when either limit is reached."""
+        self._check_limits(client)  # before loading anything
+        session_id = str(uuid.uuid4())
+        holder = f"wheel:{session_id}"
+        handle = self._manager.pin(model_name, holder, kind=HOLDER_KIND)
+        try:
+            check_causal(handle)
+            with self._lock:
+                self._check_limits_locked(client)  # again: others may have come meanwhile
+                session = WheelSession(
+                    self._manager,
+                    handle,
+                    max_context_tokens=self.settings.wheel_max_context_tokens,
+                    ttl_seconds=self.ttl_seconds,
+                    clock=self._clock,
+                    logit_history=self._logit_history,
+                    session_id=session_id,
+                    client=client,
+                    owner=owner,
+                )
+                self._sessions[session.id] = session
+        except BaseException:
+            self._manager.release(holder)
+            raise
         return session
 
     def get(self, session_id: str) -> WheelSession:
-        """The live session ``session_id``, now marked as used."""
-        now = self._clock()
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None or self._expired(session, now):
-                self._sessions.pop(session_id, None)
-                raise SessionNotFoundError(session_id, self.ttl_seconds)
-            session.touch(now)
-            return session
+        """The live session ``session_id``, now marked as used (for callers in this process
+        that own every session, such as the Python API; the web uses ``get_owned``)."""
+        return self._lookup(session_id, key=None, account=None, check=False)
+
+    def get_owned(self, session_id: str, *, key: str | None, account: str | None) -> WheelSession:
+        """The live session ``session_id`` if ``key`` is its key or ``account`` created it;
+        otherwise SessionNotFoundError, the same as for an id that never existed."""
+        return self._lookup(session_id, key=key, account=account, check=True)
 
     def delete(self, session_id: str) -> bool:
+        """Close and forget the session; False if there was none."""
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        self._close([session])
+        return True
 
     def cleanup(self) -> int:
         """Remove expired sessions; how many were removed."""
         with self._lock:
-            return self._drop_expired()
+            expired = self._pop_expired()
+        self._close(expired)
+        return len(expired)
 
+    def _lookup(
+        self, session_id: str, *, key: str | None, account: str | None, check: bool
+    ) -> WheelSession:
+        now = self._clock()
+        expired: WheelSession | None = None
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and self._expired(session, now):
+                expired, session = self._sessions.pop(session_id), None
+            if check:  # compare a key even when there is no session: same time either way
+                allowed = (session or _NOBODY).allows(key, account) and session is not None
+            else:
+                allowed = session is not None
+            if allowed and session is not None:
+                session.touch(now)
+        if expired is not None:
+            self._close([expired])
+        if not allowed or session is None:
+            raise SessionNotFoundError(session_id, self.ttl_seconds)
+        return session
+
+    # -- limits ----------------------------------------------------------------------------
+    def _check_limits(self, client: str | None) -> None:
+        """Drop expired sessions, then check the limits (before loading any model)."""
+        with self._lock:
+            expired = self._pop_expired()
+        self._close(expired)
+        with self._lock:
+            self._check_limits_locked(client)
+
+    def _check_limits_locked(self, client: str | None) -> None:
+        """TooManySessionsError if the client, or everyone, holds the most sessions
+        allowed (expired ones do not count). Lock held."""
+        now = self._clock()
+        live = [s for s in self._sessions.values() if not self._expired(s, now)]
+        per_client = self.settings.wheel_sessions_per_client
+        if client is not None:
+            mine = [s for s in live if s.client == client]
+            if len(mine) >= per_client:
+                wait = min(s.expires_at for s in mine) - now
+                raise TooManyClientSessionsError(per_client, self.ttl_seconds, wait)
+        limit = self.settings.wheel_max_sessions
+        if len(live) >= limit:
+            wait = min(s.expires_at for s in live) - now
+            raise TooManySessionsError(limit, self.ttl_seconds, wait)
+
+    # -- expiry ----------------------------------------------------------------------------
     def _expired(self, session: WheelSession, now: float) -> bool:
         return now - session.last_used > self.ttl_seconds
 
-    def _drop_expired(self) -> int:
+    def _pop_expired(self) -> list[WheelSession]:
+        """Take the expired sessions out of the store. Lock held; close them after."""
         now = self._clock()
-        expired = [sid for sid, s in self._sessions.items() if self._expired(s, now)]
-        for session_id in expired:
-            del self._sessions[session_id]
-        return len(expired)
+        expired = [s for s in self._sessions.values() if self._expired(s, now)]
+        for session in expired:
+            del self._sessions[session.id]
+        return expired
+
+    def _close(self, sessions: list[WheelSession]) -> None:
+        """Close sessions taken out of the store (outside the store's lock: closing waits
+        for a request running on the session), then return the freed memory."""
+        if not sessions:
+            return
+        for session in sessions:
+            session.close()
+        return_freed_memory()
 
     async def run_cleanup_loop(self) -> None:
         """Every ``wheel_cleanup_interval_seconds``, remove expired sessions (run as a task
         in the app's lifespan; cancel it at shutdown)."""
         while True:
             await asyncio.sleep(self.settings.wheel_cleanup_interval_seconds)
-            try:
-                removed = self.cleanup()
+            try:  # in a thread: closing waits for a request still running on a session
+                removed = await asyncio.to_thread(self.cleanup)
             except Exception:  # keep sweeping whatever went wrong once
                 logger.exception("Token-wheel session cleanup failed")
                 continue

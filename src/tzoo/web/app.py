@@ -21,6 +21,8 @@ from tzoo.service.circuit_answers import ExplanationJobs
 from tzoo.service.lens_jobs import JobQueue
 from tzoo.service.metrics import ServiceMetrics
 from tzoo.service.model_groups import ModelGroups
+from tzoo.service.model_loading import ModelLoader
+from tzoo.service.quotas import make_quotas
 from tzoo.service.rate_limit import RateLimitedError, RateLimiter
 from tzoo.service.result_cache import make_result_cache
 from tzoo.service.validation_jobs import ValidationJobs
@@ -28,6 +30,8 @@ from tzoo.service.wheel import SessionStore
 from tzoo.store.db import create_engine_for, run_migrations, session_factory
 from tzoo.web.deps import template_context
 from tzoo.web.errors import install_error_handlers
+from tzoo.web.middleware import GuardedFastAPI, csp_context
+from tzoo.web.openapi import document_errors
 from tzoo.web.preload import Preloader
 from tzoo.web.routes import annotations as annotation_routes
 from tzoo.web.routes import (
@@ -66,13 +70,14 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         # Queued explanations would otherwise run after the models are unloaded.
         app.state.explanation_jobs.shutdown()
         app.state.validation_jobs.shutdown()
+        app.state.model_loader.shutdown()
         cleanup.cancel()
         with suppress(asyncio.CancelledError):
             await cleanup
         manager.unload_all()
         app.state.engine.dispose()
 
-    app = FastAPI(
+    app = GuardedFastAPI(
         title="Transformer Zoo",
         version=__version__,
         description="Look inside transformer language models: attention, next-token "
@@ -92,6 +97,8 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         model = groups.resolve(None).model
         preload += [] if model in preload else [model]
     app.state.preloader = Preloader(manager, preload)
+    # Web model loads run here, never on request threads (see service/model_loading).
+    app.state.model_loader = ModelLoader.from_settings(settings, manager)
     app.state.metrics = ServiceMetrics()
     app.state.lens_queue = JobQueue(
         settings,
@@ -104,13 +111,15 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         settings, manager, app.state.session_factory, describe_error=circuits.describe_job_error
     )
     app.state.validation_jobs = ValidationJobs(settings, app.state.session_factory)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    # Per-client limits (lens rate, logins, sign-ups, visualizations): Redis when set.
+    app.state.quotas = make_quotas(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute, quotas=app.state.quotas)
     app.state.result_cache = make_result_cache(settings)
     app.state.wheel_sessions = SessionStore(settings, manager)
     app.state.templates = Jinja2Templates(
-        directory=WEB_DIR / "templates", context_processors=[template_context]
+        directory=WEB_DIR / "templates", context_processors=[template_context, csp_context]
     )
-    app.state.login_limiter = LoginLimiter()
+    app.state.login_limiter = LoginLimiter.from_settings(settings, app.state.quotas)
 
     if settings.allowed_origins:
         app.add_middleware(
@@ -153,4 +162,5 @@ def create_app(settings: Settings | None = None, *, manager: ModelManager | None
         validation.pages,
     ):
         app.include_router(extra)
+    document_errors(app)
     return app

@@ -134,6 +134,36 @@ def get_auth(request: Request, session: SessionDep) -> Auth:
     return authenticate(request, session)
 
 
+def client_address(request: Request) -> str:
+    """The caller's address: the connection's, or a trusted proxy's X-Forwarded-For
+    (uvicorn rewrites ``request.client`` only for TZOO_FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else "unknown"
+
+
+def web_model(request: Request, name: str) -> str:
+    """A model name from a web request, made safe to hand the model manager: a catalogue
+    name, a hub id, or a path under TZOO_MODEL_DIRS (any other path is one uniform 403,
+    whatever is there), loaded through the bounded load pool so a slow hub never holds
+    more than a few request threads (503 when its line is full, 504 after
+    TZOO_HUB_LOAD_TIMEOUT)."""
+    from tzoo.service.model_loading import web_model_name
+
+    state = request.app.state
+    checked = web_model_name(name, state.settings, state.manager)
+    state.model_loader.ensure_loaded(checked)
+    return checked
+
+
+def client_key(request: Request, auth: Auth) -> str:
+    """Who a per-client quota counts: ``user:<id>`` for an account, ``operator`` for the
+    TZOO_API_KEY holder, else ``ip:<address>`` for an anonymous caller."""
+    return auth.client_key or f"ip:{client_address(request)}"
+
+
+def get_client_key(request: Request, auth: Annotated[Auth, Depends(get_auth)]) -> str:
+    return client_key(request, auth)
+
+
 def get_current_user(auth: Annotated[Auth, Depends(get_auth)]) -> User | None:
     return auth.user
 
@@ -242,8 +272,16 @@ def _auth_for_page(request: Request) -> Auth:
             return Auth()
 
 
+def page_auth(request: Request) -> Auth:
+    """Who is looking at a page: the request's Auth, looked up if its route did not ask
+    (anonymous for a token that is not valid)."""
+    auth = getattr(request.state, "auth", None)
+    return auth if isinstance(auth, Auth) else _auth_for_page(request)
+
+
 CurrentUserDep = Annotated[User | None, Depends(get_current_user)]
 RequiredUserDep = Annotated[User, Depends(require_user)]
 AuthDep = Annotated[Auth, Depends(get_auth)]
 CsrfCheckDep = Annotated[None, Depends(check_csrf)]
 AdminDep = Annotated[Auth, Depends(require_admin)]
+ClientKeyDep = Annotated[str, Depends(get_client_key)]

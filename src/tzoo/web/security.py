@@ -15,10 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
@@ -28,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tzoo.config import Settings
+from tzoo.service.quotas import MemoryQuotas, Quotas
 from tzoo.store.accounts import SESSION_LIFETIME
 
 SESSION_COOKIE = "tzoo_session"
@@ -199,56 +197,118 @@ class CsrfCookieMiddleware:
 # --- login attempts ------------------------------------------------------------------
 
 
-class LoginLimiter:
-    """At most ``max_failures`` failed logins per key (client address + username) within
-    ``window_seconds``; then logins for that key are refused until the oldest failure
-    leaves the window, even with the right password.
+class LoginThrottledError(Exception):
+    """A login refused before its password was looked at: 429 with Retry-After."""
 
-    In memory and per process: it slows guessing against one server process; several
-    workers each keep their own count. The number of keys is capped (oldest dropped) so
-    a flood of usernames cannot exhaust memory.
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"Too many failed attempts; try again in {retry_after} seconds.")
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """The hits one login reserved (see LoginLimiter.begin), to give back on success."""
+
+    member: str
+    keys: tuple[str, ...]
+    pair_key: str
+
+
+class LoginLimiter:
+    """Slows password guessing without locking the owner out; counted by ``quotas``
+    (shared by every process when they live in Redis).
+
+    Each login *reserves* its attempt before the password is checked, in one atomic step
+    per counter, and gives it back when the password was right: so the counters hold
+    failures, and 20 parallel guesses cannot all see "one left" and all be tried.
+
+    - **Per address** (``ip``): at most ``failures_per_ip`` failures within
+      ``window_seconds``, whatever usernames they name; then every login from the
+      address, right password or not, is 429 until the oldest failure leaves the window.
+      One address trying 200 usernames is stopped after ``failures_per_ip``.
+    - **Per account and address** (``pair``): an address's first ``failures_per_account``
+      failures on one account come freely; each further attempt on that account from
+      that address waits ``first_delay_s`` doubling per failure (5, 10, 20, then 30 s at
+      most, ``max_delay_s``) after its previous one. A sprayer slows to one guess in 30 s;
+      nobody waits longer than 30 s for a failure of their own address.
+    - **Per account** (``account``): failures on the account from all addresses. When
+      the *other* addresses have together failed ``failures_per_account`` times (a spray
+      from many addresses), the free allowance ends for every address that has failed
+      on the account: the delays start at its first failure.
+
+    An address that has not failed on an account within the window is never slowed by
+    that account's counters, so the owner logging in from their own address gets in at
+    once however hard others spray (only their own address's failures, or more than
+    ``failures_per_ip`` of them, can make them wait). A successful login forgets its
+    address's failures on that account (not its per-address failures: an attacker
+    cannot wash those by logging into an account of their own).
+
+    Usernames enter keys hashed (their length and characters are the caller's).
     """
 
     def __init__(
         self,
+        quotas: Quotas | None = None,
         *,
-        max_failures: int = 10,
+        failures_per_account: int = 10,
+        failures_per_ip: int = 20,
         window_seconds: float = 300,
-        max_keys: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
+        first_delay_s: float = 5,
+        max_delay_s: float = 30,
     ) -> None:
-        self.max_failures = max_failures
+        self.quotas = quotas if quotas is not None else MemoryQuotas()
+        self.failures_per_account = failures_per_account
+        self.failures_per_ip = failures_per_ip
         self.window_seconds = window_seconds
-        self.max_keys = max_keys
-        self._clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.first_delay_s = first_delay_s
+        self.max_delay_s = max_delay_s
 
-    def retry_after(self, key: str) -> int | None:
-        """Seconds to wait before this key may try again, or None when it may now."""
-        with self._lock:
-            failures = self._recent(key) if key in self._failures else deque()
-            if len(failures) < self.max_failures:
-                return None
-            return max(1, int(failures[0] + self.window_seconds - self._clock()) + 1)
+    @classmethod
+    def from_settings(cls, settings: Settings, quotas: Quotas | None = None) -> LoginLimiter:
+        return cls(
+            quotas,
+            failures_per_account=settings.login_failures_per_account,
+            failures_per_ip=settings.login_failures_per_ip,
+            window_seconds=settings.login_window_seconds,
+        )
 
-    def failed(self, key: str) -> None:
-        with self._lock:
-            self._recent(key).append(self._clock())
-            self._failures.move_to_end(key)
-            while len(self._failures) > self.max_keys:
-                self._failures.popitem(last=False)
+    def begin(self, username: str, address: str) -> LoginAttempt:
+        """Reserve one attempt of ``address`` on ``username`` (already normalised), or
+        raise LoginThrottledError (nothing reserved) with the seconds to wait."""
+        account = hashlib.sha256(username.encode()).hexdigest()[:32]
+        ip_key = f"login:ip:{address}"
+        pair_key = f"login:pair:{account}:{address}"
+        account_key = f"login:account:{account}"
+        member = secrets.token_hex(8)
+        quotas, window = self.quotas, self.window_seconds
+        wait = quotas.hit(ip_key, self.failures_per_ip, window, member=member)
+        if wait is not None:
+            raise LoginThrottledError(wait)
+        others = quotas.count(account_key, window) - quotas.count(pair_key, window)
+        sprayed = others >= self.failures_per_account
+        wait = quotas.hit_spaced(
+            pair_key,
+            free=1 if sprayed else self.failures_per_account,
+            window_s=window,
+            first_delay_s=self.first_delay_s,
+            max_delay_s=self.max_delay_s,
+            member=member,
+        )
+        if wait is not None:
+            quotas.give_back(ip_key, member)
+            raise LoginThrottledError(wait)
+        quotas.hit(account_key, None, window, member=member)
+        return LoginAttempt(member, (ip_key, pair_key, account_key), pair_key)
 
-    def succeeded(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+    def succeeded(self, attempt: LoginAttempt) -> None:
+        """The password was right: the attempt is no failure, and its address's earlier
+        failures on this account are forgotten."""
+        for key in attempt.keys:
+            self.quotas.give_back(key, attempt.member)
+        self.quotas.clear(attempt.pair_key)
 
-    def _recent(self, key: str) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
-        cutoff = self._clock() - self.window_seconds
-        while failures and failures[0] <= cutoff:
-            failures.popleft()
-        return failures
+    def failed(self, attempt: LoginAttempt) -> None:
+        """The password was wrong: the reservation stays counted as a failure."""
 
 
 # --- redirects -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
@@ -34,7 +34,10 @@ router = APIRouter(prefix="/api", tags=["annotations"])
 NO_SUCH_COMMENT = "No comment with this id."
 NOT_THE_AUTHOR = "Only its author can edit or delete a comment."
 Body = Annotated[str, Field(min_length=1, max_length=ANNOTATION_BODY_MAX_LENGTH)]
-Index = Annotated[int | None, Field(ge=0)]
+# Bounded: the store's integer columns (and SQLite's driver) take at most 32 bits.
+MAX_INDEX = 2**31 - 1
+Index = Annotated[int | None, Field(ge=0, le=MAX_INDEX)]
+CommentId = Annotated[int, Path(ge=1, le=MAX_INDEX)]
 
 
 class AnnotationCreate(BaseModel):
@@ -42,10 +45,10 @@ class AnnotationCreate(BaseModel):
     fields out. ``head`` needs ``layer``; the token range is both ends or neither,
     inclusive, in the visualization's token positions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     body: Body
-    parent_id: int | None = None
+    parent_id: Annotated[int | None, Field(ge=1, le=MAX_INDEX)] = None
     stack: str | None = Field(None, min_length=1, max_length=STACK_MAX_LENGTH)
     layer: Index = None
     head: Index = None
@@ -57,7 +60,7 @@ class AnnotationCreate(BaseModel):
 
 
 class AnnotationUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     body: Body
 
@@ -116,8 +119,8 @@ def list_for_visualization(
     session: SessionDep,
     user: CurrentUserDep,
     stack: Annotated[str | None, Query(max_length=STACK_MAX_LENGTH)] = None,
-    layer: Annotated[int | None, Query(ge=0)] = None,
-    head: Annotated[int | None, Query(ge=0)] = None,
+    layer: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None,
+    head: Annotated[int | None, Query(ge=0, le=MAX_INDEX)] = None,
 ) -> list[AnnotationPublic]:
     """The visualization's comments in reading order (each thread root, then its replies
     depth first), optionally only those anchored to a stack, layer or head."""
@@ -147,7 +150,7 @@ def create(
 
 @router.patch("/annotations/{annotation_id}", responses=_ERRORS)
 def update(
-    annotation_id: int,
+    annotation_id: CommentId,
     body: AnnotationUpdate,
     session: SessionDep,
     user: RequiredUserDep,
@@ -164,7 +167,7 @@ def update(
 
 @router.delete("/annotations/{annotation_id}", status_code=204, responses=_ERRORS)
 def delete(
-    annotation_id: int, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
+    annotation_id: CommentId, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
 ) -> Response:
     """Delete your own comment; one with replies stays as a "deleted" placeholder."""
     delete_annotation(session, _own_annotation(session, annotation_id, user))

@@ -9,12 +9,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Form, Header, HTTPException, Path, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from tzoo.config import Settings
+from tzoo.service.quotas import QuotaExceededError, Quotas
 from tzoo.store.accounts import (
     AccountError,
     UsernameTakenError,
@@ -39,11 +40,14 @@ from tzoo.web.deps import (
     SessionDep,
     SettingsDep,
     anonymous_csrf_ok,
+    client_address,
 )
 from tzoo.web.security import (
     CSRF_COOKIE,
     PASSWORD_MAX_LENGTH,
     SESSION_COOKIE,
+    LoginLimiter,
+    LoginThrottledError,
     PasswordRuleError,
     check_new_password,
     clear_cookie,
@@ -61,11 +65,18 @@ pages = APIRouter(tags=["accounts"], include_in_schema=False)
 api = APIRouter(prefix="/api", tags=["accounts"])
 
 WRONG_CREDENTIALS = "Wrong username or password."
+SIGNUP_WINDOW_SECONDS = 3600
+TOO_MANY_SIGNUPS = (
+    "Too many accounts were created from your address in the last hour "
+    "(TZOO_SIGNUPS_PER_HOUR); try again in {retry_after} seconds."
+)
 TOKENS_NEED_A_BROWSER = (
     "API tokens are created and revoked from a logged-in browser session (the account "
     "page), not with another API token."
 )
 FormField = Annotated[str, Form()]
+# An API token row id (32-bit in the database: a bigger one is no id, but a 422).
+TokenId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def _render(
@@ -120,18 +131,36 @@ def signup(
     next: FormField = "/",
 ) -> Response:
     """Create an account and log it in. 400 for a bad username or password, 409 for a
-    username that is taken, 403 for a form without its CSRF token."""
+    username that is taken, 403 for a form without its CSRF token, 429 (Retry-After)
+    past TZOO_SIGNUPS_PER_HOUR accounts from this address."""
     context = {"next": safe_next(next), "username": username}
     if not anonymous_csrf_ok(request, csrf_token):
         return _render(
             request, "signup.html", {**context, "error": CSRF_FAILED_FORM}, status_code=403
         )
+    quotas: Quotas = request.app.state.quotas
     try:
-        check_username(username)
-        check_new_password(password)
-        if password != password_confirm:
-            raise PasswordRuleError("The two passwords differ; type the same one twice.")
-        user = create_user(session, username=username, password_hash=hash_password(password))
+        # Reserved before the account exists, so parallel sign-ups cannot pass the limit
+        # together; given back when the sign-up is refused.
+        with quotas.charge(
+            f"signup:{client_address(request)}",
+            settings.signups_per_hour or None,  # 0: no limit
+            SIGNUP_WINDOW_SECONDS,
+            refusal=TOO_MANY_SIGNUPS,
+        ):
+            check_username(username)
+            check_new_password(password)
+            if password != password_confirm:
+                raise PasswordRuleError("The two passwords differ; type the same one twice.")
+            user = create_user(session, username=username, password_hash=hash_password(password))
+    except QuotaExceededError as error:
+        return _render(
+            request,
+            "signup.html",
+            {**context, "error": str(error)},
+            status_code=429,
+            headers={"Retry-After": str(error.retry_after)},
+        )
     except UsernameTakenError as error:
         return _render(request, "signup.html", {**context, "error": str(error)}, status_code=409)
     except (AccountError, PasswordRuleError) as error:
@@ -160,28 +189,31 @@ def login(
     next: FormField = "/",
 ) -> Response:
     """Log in. One message for every wrong answer (no hint whether the username exists);
-    429 with Retry-After after too many failures for this address and username."""
+    429 with Retry-After and a sentence when LoginLimiter (web/security.py) says wait:
+    too many failures from this address, or on this account from it."""
     context = {"next": safe_next(next), "username": username}
     if not anonymous_csrf_ok(request, csrf_token):
         return _render(
             request, "login.html", {**context, "error": CSRF_FAILED_FORM}, status_code=403
         )
-    limiter = request.app.state.login_limiter
-    key = f"{request.client.host if request.client else '-'}|{normalise_username(username)}"
-    wait = limiter.retry_after(key)
-    if wait is not None:
-        error = f"Too many failed attempts; try again in {wait} seconds."
-        headers = {"Retry-After": str(wait)}
+    limiter: LoginLimiter = request.app.state.login_limiter
+    try:
+        attempt = limiter.begin(normalise_username(username), client_address(request))
+    except LoginThrottledError as error:
         return _render(
-            request, "login.html", {**context, "error": error}, status_code=429, headers=headers
+            request,
+            "login.html",
+            {**context, "error": str(error)},
+            status_code=429,
+            headers={"Retry-After": str(error.retry_after)},
         )
     user = _check_credentials(session, username, password)
     if user is None:
-        limiter.failed(key)
+        limiter.failed(attempt)
         return _render(
             request, "login.html", {**context, "error": WRONG_CREDENTIALS}, status_code=401
         )
-    limiter.succeeded(key)
+    limiter.succeeded(attempt)
     if needs_rehash(user.password_hash):
         set_password_hash(session, user, hash_password(password))
     return _logged_in(request, session, settings, user, context["next"])
@@ -260,7 +292,7 @@ def account_create_token(
 
 @pages.post("/account/tokens/{token_id}/revoke")
 def account_revoke_token(
-    token_id: int, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
+    token_id: TokenId, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
 ) -> RedirectResponse:
     if not revoke_api_token(session, user, token_id):
         raise HTTPException(404, "You have no API token with this id.")
@@ -281,6 +313,8 @@ class MePublic(BaseModel):
 
 
 class ApiTokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     name: str = Field(min_length=1, max_length=100, description="What the token is for.")
 
 
@@ -359,7 +393,7 @@ def list_tokens(session: SessionDep, user: RequiredUserDep) -> list[ApiTokenPubl
     responses={**_UNAUTHORIZED, 404: {"description": "No such token of yours"}},
 )
 def delete_token(
-    token_id: int, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
+    token_id: TokenId, session: SessionDep, user: RequiredUserDep, _csrf: CsrfCheckDep
 ) -> Response:
     """Revoke a token at once. Works with a token too (a token may revoke itself)."""
     if not revoke_api_token(session, user, token_id):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -59,10 +59,19 @@ from tzoo.service.circuits import (
     run_interventions,
     view_of,
 )
+from tzoo.service.quotas import charge_visualization
 from tzoo.store.artefacts import MAX_LIST_LIMIT, list_artefacts
 from tzoo.store.models import Artefact, User
 from tzoo.web.access import can_view, is_owner, owned_artefact, visible_artefact
-from tzoo.web.deps import CsrfCheckDep, CurrentUserDep, ManagerDep, SessionDep, SettingsDep
+from tzoo.web.deps import (
+    ClientKeyDep,
+    CsrfCheckDep,
+    CurrentUserDep,
+    ManagerDep,
+    SessionDep,
+    SettingsDep,
+    web_model,
+)
 from tzoo.web.errors import error_body, status_for
 
 router = APIRouter(prefix="/api", tags=["circuits"])
@@ -75,6 +84,10 @@ NO_EXPLANATION = "No explanation with this id for this graph."
 Visibility = Literal["public", "unlisted", "private"]
 Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
 NodeId = Annotated[str, Field(min_length=1, max_length=64)]
+# Bounds for layer and feature numbers (beyond any model; they keep numbers sent in
+# requests within what indexing and the database take).
+MAX_LAYER = 10_000
+MAX_FEATURE = 2**31 - 1
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown model, transcoder set, graph, view or feature"},
@@ -110,7 +123,7 @@ class TranscodersPublic(BaseModel):
 
 
 class GraphCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model_name: str = Field(min_length=1, max_length=1024, examples=["smollm2-135m"])
     transcoders: str | None = Field(
@@ -121,6 +134,8 @@ class GraphCreate(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["The capital of"])
     target_position: int | None = Field(
         None,
+        ge=-MAX_PROMPT_CHARS,
+        le=MAX_PROMPT_CHARS,
         description="Where the logits are read (negative: from the end); default the last "
         "token, or an encoder's first mask token",
     )
@@ -136,6 +151,8 @@ class GraphCreated(BaseModel):
 
 
 class GraphUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     visibility: Visibility
 
 
@@ -153,14 +170,14 @@ class GraphSummary(BaseModel):
 
 
 class SupernodeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=100)
     nodes: list[NodeId] = Field(min_length=1, max_length=MAX_PINNED)
 
 
 class ViewCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     pinned: list[NodeId] = Field(default_factory=list, max_length=MAX_PINNED)
     supernodes: list[SupernodeIn] = Field(default_factory=list, max_length=MAX_SUPERNODES)
@@ -184,17 +201,21 @@ class ViewCreated(BaseModel):
 
 
 class InterventionIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    layer: int = Field(ge=0)
-    position: int = Field(description="Token position; negative counts from the end")
-    feature: int = Field(ge=0)
+    layer: int = Field(ge=0, le=MAX_LAYER)
+    position: int = Field(
+        ge=-MAX_PROMPT_CHARS,
+        le=MAX_PROMPT_CHARS,
+        description="Token position; negative counts from the end",
+    )
+    feature: int = Field(ge=0, le=MAX_FEATURE)
     scale: float | None = Field(None, allow_inf_nan=False, description="Multiply the activation")
     value: float | None = Field(None, allow_inf_nan=False, description="Set the activation")
 
 
 class InterventionsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     interventions: list[InterventionIn] = Field(min_length=1, max_length=MAX_INTERVENTIONS)
     mode: Literal["direct", "frozen", "live"] = "frozen"
@@ -202,11 +223,11 @@ class InterventionsRequest(BaseModel):
 
 
 class ExplanationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     target: (
         # Strict: JSON true is no token id, 5.0 no token text.
-        Annotated[StrictInt, Field(ge=0)]
+        Annotated[StrictInt, Field(ge=0, le=MAX_FEATURE)]
         | Annotated[StrictStr, Field(min_length=1, max_length=MAX_TARGET_CHARS)]
     ) = Field(
         description="A token id (e.g. one of the graph's logit tokens) or the text of exactly "
@@ -402,7 +423,18 @@ def transcoders(
 # -- graphs ---------------------------------------------------------------------------------------
 
 
-@router.post("/graphs", status_code=201, response_model=GraphCreated, responses=_ERRORS)
+@router.post(
+    "/graphs",
+    status_code=201,
+    response_model=GraphCreated,
+    responses={
+        **_ERRORS,
+        429: {
+            "description": "More than TZOO_VISUALIZATIONS_PER_MINUTE this minute "
+            "(Retry-After says when to try again)"
+        },
+    },
+)
 def create(
     body: GraphCreate,
     request: Request,
@@ -410,14 +442,16 @@ def create(
     manager: ManagerDep,
     settings: SettingsDep,
     user: CurrentUserDep,
+    client: ClientKeyDep,
     _csrf: CsrfCheckDep,
 ) -> GraphCreated:
     """Compute the attribution graph of a prompt with a saved transcoder set, prune it and
-    keep it at a permanent link."""
+    keep it at a permanent link. Graphs count with attention visualizations against
+    TZOO_VISUALIZATIONS_PER_MINUTE per client (then 429 with Retry-After)."""
     if body.visibility == "private" and user is None:
         raise HTTPException(401, "Log in to keep a private graph (nobody could open it otherwise).")
     spec = GraphRequest(
-        model_name=body.model_name,
+        model_name=web_model(request, body.model_name),
         transcoders=body.transcoders or None,
         prompt=body.prompt,
         target_position=body.target_position,
@@ -425,14 +459,15 @@ def create(
         edge_threshold=body.edge_threshold,
         max_feature_nodes=body.max_feature_nodes,
     )
-    artefact = create_graph(
-        session,
-        manager,
-        settings,
-        spec,
-        owner=user.username if user else None,
-        visibility=body.visibility,
-    )
+    with charge_visualization(request.app.state.quotas, settings.visualizations_per_minute, client):
+        artefact = create_graph(
+            session,
+            manager,
+            settings,
+            spec,
+            owner=user.username if user else None,
+            visibility=body.visibility,
+        )
     return GraphCreated(slug=artefact.slug, url=graph_url(request, artefact.slug))
 
 
@@ -443,7 +478,7 @@ def list_graphs(
     model: Annotated[str | None, Query(max_length=1024)] = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[GraphSummary]:
     """Public graphs, newest first, filtered by model and by prompt."""
     rows = list_artefacts(
@@ -578,8 +613,8 @@ def read_view(slug: str, view_id: str, session: SessionDep, user: CurrentUserDep
 @router.get("/graphs/{slug}/features/{layer}/{index}", responses=_ERRORS)
 def dashboard(
     slug: str,
-    layer: int,
-    index: int,
+    layer: Annotated[int, Path(ge=0, le=MAX_LAYER)],
+    index: Annotated[int, Path(ge=0, le=MAX_FEATURE)],
     session: SessionDep,
     manager: ManagerDep,
     settings: SettingsDep,
@@ -688,10 +723,14 @@ def read_explanation(
     """A job (``state`` queued, running, done or failed; ``stage`` and ``done``/``total``
     while running; the answer and its ``explanation_id`` when done), or a stored
     explanation by that id (as a done job). Finished jobs are forgotten after a while;
-    their answers stay at ``explanation_id``."""
+    their answers stay at ``explanation_id``. A job whose answer will be private is its
+    owner's: anyone else gets the 404 of an unknown id."""
     artefact = _visible_graph(session, slug, user)
     try:
-        status = jobs.status(jobs.get(explanation_id, artefact.slug))
+        job = jobs.get(explanation_id, artefact.slug)
+        if not job.visible_to(user.username if user else None):
+            raise NoSuchExplanationError(explanation_id)
+        status = jobs.status(job)
     except NoSuchExplanationError:
         status = _saved_explanation(session, artefact, explanation_id, user)
     return _explanation(request, slug, status)

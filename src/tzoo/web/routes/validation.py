@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
 from tzoo.runtime.catalogue import catalogue
+from tzoo.service.model_loading import web_model_name
 from tzoo.service.validation_jobs import (
     VALIDATION_KIND,
     NoSuchValidationJobError,
@@ -18,6 +19,7 @@ from tzoo.service.validation_jobs import (
     UploadTooLargeError,
     ValidationJobs,
     ValidationRequestError,
+    no_such_job,
     stored_report,
 )
 from tzoo.store.artefacts import list_artefacts
@@ -26,12 +28,19 @@ from tzoo.validation.registry import registered
 from tzoo.validation.report import ValidationReport
 from tzoo.validation.runner import parse_tiers
 from tzoo.web.access import visible_artefact
-from tzoo.web.deps import CsrfCheckDep, CurrentUserDep, SessionDep
+from tzoo.web.deps import ClientKeyDep, CsrfCheckDep, CurrentUserDep, SessionDep
+from tzoo.web.middleware import SELF_CONTAINED_POLICY
 
 router = APIRouter(prefix="/api/validations", tags=["validation"])
 pages = APIRouter(tags=["pages"], include_in_schema=False)
 
 NO_REPORT = "No validation report at this link."
+_TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "description": "TZOO_VALIDATIONS_PER_ACCOUNT runs of yours are queued or running "
+        "(Retry-After says when to try again)"
+    }
+}
 Visibility = Literal["public", "unlisted", "private"]
 
 
@@ -61,11 +70,14 @@ async def _read(upload: UploadFile | None, limit: int) -> bytes | None:
     return data
 
 
-@router.post("", status_code=202, responses={403: {}, 404: {}, 413: {}, 422: {}, 503: {}})
+@router.post(
+    "", status_code=202, responses={403: {}, 404: {}, 413: {}, 422: {}, **_TOO_MANY, 503: {}}
+)
 async def submit(
     request: Request,
     response: Response,
     user: CurrentUserDep,
+    client: ClientKeyDep,
     _csrf: CsrfCheckDep,
     model_name: Annotated[str | None, Form(max_length=1024)] = None,
     tiers: Annotated[str, Form(max_length=20)] = "1,2",
@@ -76,7 +88,8 @@ async def submit(
 ) -> dict[str, Any]:
     """Queue a validation of a catalogue model (``model_name``) or of an uploaded
     ``model_file`` with its ``config_file``: the checks of ``tiers`` (e.g. ``1,2``), or
-    only those named in ``checks``; 202 with the job (poll its ``Location``)."""
+    only those named in ``checks``; 202 with the job (poll its ``Location``). 429 with
+    Retry-After when you have TZOO_VALIDATIONS_PER_ACCOUNT runs queued or running."""
     settings = request.app.state.settings
     if visibility == "private" and user is None:
         raise HTTPException(401, "Log in to keep a report private.")
@@ -84,6 +97,9 @@ async def submit(
     code = await _read(model_file, limit)
     config = await _read(config_file, limit)
     name = (model_name or "").strip() or None
+    if name is not None:
+        # A catalogue model or hub id; never a server path (the worker would load it).
+        name = web_model_name(name, request.app.state.settings, request.app.state.manager)
     try:
         job = _jobs(request).submit(
             model_name=name,
@@ -95,6 +111,7 @@ async def submit(
             else tuple(c.strip() for c in (checks or "").split(",") if c.strip()),
             owner=user.username if user else None,
             visibility=visibility,
+            client=client,
         )
     except UploadsDisabledError as error:
         raise HTTPException(403, str(error)) from None
@@ -107,13 +124,18 @@ async def submit(
 
 
 @router.get("/jobs/{job_id}", responses={404: {}})
-def job_status(job_id: str, request: Request) -> dict[str, Any]:
+def job_status(job_id: str, request: Request, user: CurrentUserDep) -> dict[str, Any]:
     """A job: state (queued, running, done, failed), its place in the queue, the check
-    running and how many are done, and when done the report's ``slug`` and ``url``."""
+    running and how many are done, and when done the report's ``slug`` and ``url``. The
+    job of a private report is its owner's: anyone else gets the 404 of an unknown id."""
+    jobs = _jobs(request)
     try:
-        status = _jobs(request).status(_jobs(request).get(job_id))
+        job = jobs.get(job_id)
+        if not job.visible_to(user.username if user else None):
+            raise no_such_job(job_id)
     except NoSuchValidationJobError as error:
         raise HTTPException(404, str(error)) from None
+    status = jobs.status(job)
     status["url"] = f"/validations/{status['slug']}" if status["slug"] else None
     return status
 
@@ -138,7 +160,10 @@ def read_report(
     if format == "markdown":
         return PlainTextResponse(report.to_markdown(), media_type="text/markdown")
     if format == "html":
-        return HTMLResponse(report.to_html())
+        # Its styles are inline: a policy of its own (scripts stay forbidden).
+        return HTMLResponse(
+            report.to_html(), headers={"Content-Security-Policy": SELF_CONTAINED_POLICY}
+        )
     return report.to_dict()
 
 

@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter, Form, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tzoo.service.model_loading import public_statuses
+from tzoo.service.quotas import charge_visualization
 from tzoo.service.visualizations import (
     KIND,
     VisualizationRequest,
@@ -33,8 +35,17 @@ from tzoo.store.artefacts import (
 )
 from tzoo.store.models import Artefact
 from tzoo.web.access import owned_artefact, visible_artefact
-from tzoo.web.deps import CsrfCheckDep, CurrentUserDep, ManagerDep, SessionDep, SettingsDep
-from tzoo.web.errors import USER_ERRORS, error_body, status_for
+from tzoo.web.deps import (
+    ClientKeyDep,
+    CsrfCheckDep,
+    CurrentUserDep,
+    ManagerDep,
+    SessionDep,
+    SettingsDep,
+    page_auth,
+    web_model,
+)
+from tzoo.web.errors import USER_ERRORS, error_body, retry_after_of, status_for
 from tzoo.web.routes.pages import render_home
 
 router = APIRouter(prefix="/api/visualizations", tags=["visualizations"])
@@ -46,6 +57,8 @@ ViewType = Literal["head", "model", "neuron"]
 
 
 class VisualizationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     model_name: str = Field(min_length=1, max_length=1024, examples=["minilm-l6"])
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["The cat sat on the mat."])
     pair: str | None = Field(
@@ -63,6 +76,8 @@ class VisualizationCreated(BaseModel):
 
 
 class VisualizationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     visibility: Visibility
 
 
@@ -94,23 +109,37 @@ def _create(
     settings: Any,
     user: Any,
     body: VisualizationCreate,
+    client: str,
 ) -> Artefact:
     if body.visibility == "private" and user is None:
         raise HTTPException(
             401, "Log in to keep a private visualization (nobody could open it otherwise)."
         )
     spec = VisualizationRequest(
-        model_name=body.model_name,
+        model_name=web_model(request, body.model_name),
         text=body.text,
         pair=body.pair or None,
         view_type=body.view_type,
         visibility=body.visibility,
         owner=user.username if user else None,
     )
-    return create_visualization(session, manager, request.app.state.result_cache, settings, spec)
+    with charge_visualization(request.app.state.quotas, settings.visualizations_per_minute, client):
+        return create_visualization(
+            session, manager, request.app.state.result_cache, settings, spec
+        )
 
 
-@router.post("", status_code=201, response_model=VisualizationCreated)
+@router.post(
+    "",
+    status_code=201,
+    response_model=VisualizationCreated,
+    responses={
+        429: {
+            "description": "More than TZOO_VISUALIZATIONS_PER_MINUTE this minute "
+            "(Retry-After says when to try again)"
+        }
+    },
+)
 def create(
     body: VisualizationCreate,
     request: Request,
@@ -118,10 +147,12 @@ def create(
     manager: ManagerDep,
     settings: SettingsDep,
     user: CurrentUserDep,
+    client: ClientKeyDep,
     _csrf: CsrfCheckDep,
 ) -> VisualizationCreated:
-    """Compute a model's attention for a text and keep it at a permanent link."""
-    artefact = _create(request, session, manager, settings, user, body)
+    """Compute a model's attention for a text and keep it at a permanent link (at most
+    TZOO_VISUALIZATIONS_PER_MINUTE a minute per client, then 429 with Retry-After)."""
+    artefact = _create(request, session, manager, settings, user, body, client)
     return VisualizationCreated(slug=artefact.slug, url=_url(request, artefact.slug))
 
 
@@ -132,7 +163,7 @@ def gallery_api(
     model: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[VisualizationSummary]:
     """Public visualizations, newest first, filtered by model and by text."""
     rows = list_artefacts(
@@ -208,7 +239,7 @@ def read_layer(
     slug: str,
     session: SessionDep,
     user: CurrentUserDep,
-    layer: Annotated[int, Query(ge=0)],
+    layer: Annotated[int, Query(ge=0, le=10_000)],
     stack: Annotated[str | None, Query(max_length=16)] = None,
     format: Literal["binary", "json"] = "binary",
 ) -> Any:
@@ -226,7 +257,7 @@ def read_neurons(
     slug: str,
     session: SessionDep,
     user: CurrentUserDep,
-    layer: Annotated[int, Query(ge=0)],
+    layer: Annotated[int, Query(ge=0, le=10_000)],
     stack: Annotated[str | None, Query(max_length=16)] = None,
 ) -> Response:
     """Query and key vectors of one layer for the neuron view: float16 (2, heads, T, d_head)."""
@@ -292,6 +323,7 @@ def visualize_form(
     manager: ManagerDep,
     settings: SettingsDep,
     user: CurrentUserDep,
+    client: ClientKeyDep,
     _csrf: CsrfCheckDep,
     model_name: Annotated[str, Form()],
     text: Annotated[str, Form()],
@@ -312,7 +344,7 @@ def visualize_form(
                 "visibility": visibility,
             }
         )
-        artefact = _create(request, session, manager, settings, user, body)
+        artefact = _create(request, session, manager, settings, user, body, client)
     except ValidationError as exc:
         return render_home(
             request, manager, status_code=422, form=form, form_error=_first_error(exc)
@@ -322,13 +354,17 @@ def visualize_form(
             request, manager, status_code=exc.status_code, form=form, form_error=str(exc.detail)
         )
     except USER_ERRORS as exc:
-        return render_home(
+        page = render_home(
             request,
             manager,
             status_code=status_for(exc),
             form=form,
             form_error=str(error_body(exc)["detail"]),
         )
+        wait = retry_after_of(exc)
+        if wait is not None:
+            page.headers["Retry-After"] = str(wait)
+        return page
     return RedirectResponse(f"/viz/{artefact.slug}#view={view_type}", status_code=303)
 
 
@@ -394,6 +430,8 @@ def gallery_page(
         "page": page,
         "model": model or "",
         "q": q or "",
-        "models": [s.name for s in manager.status()],
+        "models": [
+            s.name for s in public_statuses(manager.status(), operator=page_auth(request).is_admin)
+        ],
     }
     return request.app.state.templates.TemplateResponse(request, "attention/gallery.html", context)

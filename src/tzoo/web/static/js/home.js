@@ -11,7 +11,12 @@ async function act(button) {
   button.disabled = true;
   statusLine.textContent = `${action === "load" ? "Loading" : "Unloading"} ${name}…`;
   try {
-    const response = await fetch(`/api/models/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+    // Operator only: the server checks the role and this page's CSRF token.
+    const csrf = document.querySelector('meta[name="csrf-token"]')?.content ?? "";
+    const response = await fetch(`/api/models/${encodeURIComponent(name)}/${action}`, {
+      method: "POST",
+      headers: { "X-CSRF-Token": csrf },
+    });
     const body = await response.json();
     if (!response.ok) {
       statusLine.textContent = `${name}: ${body.detail}`;

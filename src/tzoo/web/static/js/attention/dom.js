@@ -16,6 +16,8 @@ export function el(tag, attrs = {}, ...children) {
     if (value == null || value === false) continue;
     if (name.startsWith("on") && typeof value === "function") node.addEventListener(name.slice(2), value);
     else if (name === "dataset") Object.assign(node.dataset, value);
+    // Through CSSOM: the Content-Security-Policy allows no style attributes.
+    else if (name === "style") node.style.cssText = String(value);
     else node.setAttribute(name, value === true ? "" : String(value));
   }
   append(node, ...children);

@@ -23,7 +23,7 @@ export function serializeSvg(svg, background) {
   originals.forEach((node, k) => {
     const computed = getComputedStyle(node);
     const inline = STYLE_PROPS.map((p) => `${p}:${computed.getPropertyValue(p)}`).join(";");
-    copies[k].setAttribute("style", inline);
+    copies[k].style.cssText = inline; // CSSOM: the page's CSP allows no style attributes
     copies[k].removeAttribute("class");
     copies[k].removeAttribute("tabindex");
   });

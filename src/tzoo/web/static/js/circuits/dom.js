@@ -32,6 +32,8 @@ function setAttrs(node, attrs) {
     else if (key === "class") node.setAttribute("class", String(value));
     else if (key.startsWith("on") && typeof value === "function") node.addEventListener(key.slice(2), value);
     else if (key === "dataset") Object.assign(node.dataset, value);
+    // Through CSSOM: the Content-Security-Policy allows no style attributes.
+    else if (key === "style") node.style.cssText = String(value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
 }

@@ -1,6 +1,8 @@
 // The token-wheel REST API (/api/sessions/..., /api/wheel-replays/...). Every write sends
 // the page's CSRF token (<meta name="csrf-token">) as X-CSRF-Token. Failures become an
-// ApiError carrying the HTTP status and the server's `detail` sentence.
+// ApiError carrying the HTTP status and the server's `detail` sentence. A session's key
+// needs no code here: it is an HttpOnly cookie scoped to /api/sessions/<id>, sent by fetch
+// (same-origin credentials); scripts elsewhere send it as X-Wheel-Session-Key.
 
 /** A failed API call: `status` (0 when the server could not be reached) and `detail`. */
 export class ApiError extends Error {

@@ -1,6 +1,8 @@
 // The token wheel page (/wheel): start a session on a prompt, then grow the text one token
 // at a time by spinning the wheel, clicking a wedge, or choosing a row of the table. The
-// session id lives in the URL (#session=...), so a reload picks the session up again.
+// session id lives in the URL (#session=...), so a reload picks the session up again; the
+// session's key travels in an HttpOnly cookie the server set for that session's paths, so
+// only this browser (or whoever holds the key) can open it, and no script ever sees the key.
 //
 // Usage: <script type="module">import { start } from "tzoo/wheel/main.js"; start();</script>
 
